@@ -1,0 +1,257 @@
+"""Checkpoints: safetensors weights + JSON metadata, written atomically, content-hashed.
+
+Layout of one checkpoint directory ``ckpt_<iteration:09d>/``:
+    weights.safetensors      every network (online and EMA/target), float tensors
+    train_state.safetensors  optimiser moments and RNG byte states (for exact resume)
+    meta.json                config, spaces, reward transform, versions, iteration,
+                             optimiser scalars, numpy RNG states, sha256 of both files
+The directory is assembled under a temporary name, fsync'd and renamed into place, so a
+crash never leaves a half checkpoint under a final name (reliability.md #11); loaders
+take the newest directory whose files match the hashes in meta.json. Nothing is ever
+unpickled: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+import idql_runtime
+from idql_runtime.config import Config, config_from_dict
+
+FORMAT_VERSION = 1
+_PREFIX = "ckpt_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match its hash."""
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def versions() -> dict[str, str]:
+    return {
+        "idql_runtime": idql_runtime.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "format": str(FORMAT_VERSION),
+    }
+
+
+def _flatten_optimiser(
+    name: str, sd: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimiser state_dict into tensors (safetensors) and JSON scalars."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {"param_groups": sd.get("param_groups"), "state": {}}
+    for pid, st in sd.get("state", {}).items():
+        scalars["state"][str(pid)] = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{name}.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars["state"][str(pid)][k] = v
+    return tensors, scalars
+
+
+def _unflatten_optimiser(
+    name: str, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]
+) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(p): dict(v) for p, v in scalars["state"].items()}
+    prefix = name + "."
+    for key, t in tensors.items():
+        if key.startswith(prefix):
+            pid, k = key[len(prefix) :].split(".", 1)
+            state.setdefault(int(pid), {})[k] = t
+    return {"state": state, "param_groups": scalars["param_groups"]}
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: weights, training state and metadata."""
+
+    path: Path
+    meta: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    train_tensors: dict[str, torch.Tensor]
+
+    @property
+    def config(self) -> Config:
+        return config_from_dict(self.meta["config"])
+
+    @property
+    def iteration(self) -> int:
+        return int(self.meta["iteration"])
+
+
+def save_checkpoint(
+    root: str | os.PathLike[str],
+    iteration: int,
+    agent: Any,
+    *,
+    meta: dict[str, Any],
+    train_tensors: dict[str, torch.Tensor] | None = None,
+    train_json: dict[str, Any] | None = None,
+    keep: int = 3,
+) -> Path:
+    """Write ``root/ckpt_<iteration>`` atomically; prune to the newest ``keep``.
+
+    ``agent`` is an ``idql_runtime.agent.Agent``; ``meta`` holds spaces, reward transform,
+    env id and anything the caller wants to keep (JSON-serialisable).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{_PREFIX}{iteration:09d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in agent.state_dict().items()}
+        save_file(weights, str(tmp / "weights.safetensors"))
+        tensors: dict[str, torch.Tensor] = dict(train_tensors or {})
+        opt_json: dict[str, Any] = {}
+        for name, opt in agent.optimisers().items():
+            sd = opt.state_dict()
+            if isinstance(opt, torch.optim.Optimizer):
+                t, s = _flatten_optimiser(f"opt.{name}", sd)
+                tensors.update(t)
+                opt_json[name] = s
+            else:  # LR scheduler: plain numbers
+                opt_json[name] = {k: v for k, v in sd.items() if k != "lr_lambdas"}
+        save_file(tensors, str(tmp / "train_state.safetensors"))
+        full_meta = {
+            **meta,
+            "format": FORMAT_VERSION,
+            "iteration": int(iteration),
+            "config": agent.cfg.to_dict(),
+            "obs_dim": agent.obs_dim,
+            "act_dim": agent.act_dim,
+            "versions": versions(),
+            "optimisers": opt_json,
+            "train_json": train_json or {},
+            "sha256": {
+                "weights.safetensors": sha256_file(tmp / "weights.safetensors"),
+                "train_state.safetensors": sha256_file(tmp / "train_state.safetensors"),
+            },
+            "created_unix_s": time.time(),
+        }
+        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1, sort_keys=True))
+        for f in tmp.iterdir():
+            _fsync_path(f)
+        _fsync_path(tmp)
+        if final.exists():  # same iteration saved twice (e.g. SIGTERM right after a save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_path(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune(root, keep)
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    for stale in root.glob(".tmp-*"):
+        if stale.is_dir() and not _owned_by_live_writer(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    ckpts = list_checkpoints(root)
+    for old in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _owned_by_live_writer(tmp: Path) -> bool:
+    try:
+        pid = int(tmp.name.split("-")[-2])
+    except (IndexError, ValueError):
+        return False
+    return pid != os.getpid() and Path(f"/proc/{pid}").exists()
+
+
+def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
+    root = Path(root)
+    if root.name.startswith(_PREFIX) and root.is_dir():
+        return [root]
+    return sorted(p for p in root.glob(f"{_PREFIX}*") if p.is_dir())
+
+
+def verify(path: Path) -> dict[str, Any]:
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        raise CheckpointError(f"{path}: no meta.json (incomplete checkpoint)")
+    meta = json.loads(meta_path.read_text())
+    for fname, digest in meta.get("sha256", {}).items():
+        f = path / fname
+        if not f.exists():
+            raise CheckpointError(f"{path}: {fname} is missing")
+        got = sha256_file(f)
+        if got != digest:
+            raise CheckpointError(
+                f"{path}: {fname} has sha256 {got[:12]}…, meta says {digest[:12]}…"
+            )
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, with_train_state: bool = True) -> Checkpoint:
+    """Load a checkpoint directory, or the newest valid one under a run directory.
+
+    Incomplete or corrupt candidates are skipped (newest first); raises CheckpointError
+    if none is valid.
+    """
+    candidates = list_checkpoints(path)
+    if not candidates:
+        raise CheckpointError(f"no checkpoint found at {path}")
+    errors = []
+    for cand in reversed(candidates):
+        try:
+            meta = verify(cand)
+        except (CheckpointError, json.JSONDecodeError) as e:
+            errors.append(str(e))
+            continue
+        weights = load_file(str(cand / "weights.safetensors"))
+        train = load_file(str(cand / "train_state.safetensors")) if with_train_state else {}
+        return Checkpoint(cand, meta, weights, train)
+    raise CheckpointError(f"no valid checkpoint at {path}: " + "; ".join(errors))
+
+
+def restore_agent(
+    ckpt: Checkpoint, device: str | torch.device = "cpu", *, optimisers: bool = True
+) -> Any:
+    """Rebuild the Agent of a checkpoint (weights, and optimiser state for resuming)."""
+    from idql_runtime.agent import Agent
+
+    agent = Agent(ckpt.config, ckpt.meta["obs_dim"], ckpt.meta["act_dim"], device=device)
+    agent.load_state_dict(ckpt.weights)
+    if optimisers and ckpt.train_tensors:
+        for name, opt in agent.optimisers().items():
+            saved = ckpt.meta["optimisers"][name]
+            if isinstance(opt, torch.optim.Optimizer):
+                sd = _unflatten_optimiser(f"opt.{name}", ckpt.train_tensors, saved)
+                opt.load_state_dict(sd)
+            else:
+                opt.load_state_dict({**opt.state_dict(), **saved})
+    return agent

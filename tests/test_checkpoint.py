@@ -1,0 +1,83 @@
+"""Checkpoints: safetensors + JSON, atomic, hashed, newest valid one loaded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from idql_runtime.agent import Agent
+from idql_runtime.checkpoint import CheckpointError, load_checkpoint, restore_agent, save_checkpoint
+from idql_runtime.config import load_config
+
+SMALL = {
+    "network.hidden_dim": 32,
+    "network.num_blocks": 1,
+    "network.time_dim": 8,
+    "network.cond_hidden": [16, 16],
+    "critic.hidden": [32, 32],
+}
+
+
+def _agent(seed: int = 0) -> Agent:
+    torch.manual_seed(seed)
+    return Agent(load_config(overrides=SMALL), obs_dim=5, act_dim=2)
+
+
+def test_round_trip_restores_weights_and_optimiser(tmp_path: Path) -> None:
+    a = _agent()
+    batch = {
+        "obs": torch.randn(8, 5),
+        "action": torch.rand(8, 2) * 2 - 1,
+        "reward": torch.randn(8),
+        "next_obs": torch.randn(8, 5),
+        "terminated": torch.zeros(8, dtype=torch.bool),
+    }
+    a.update(batch)
+    path = save_checkpoint(tmp_path, 1, a, meta={"env_id": "Hopper-v5"})
+    assert (path / "meta.json").exists() and path.name == "ckpt_000000001"
+    ck = load_checkpoint(tmp_path)
+    b = restore_agent(ck)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    sa, sb = a.actor_opt.state_dict(), b.actor_opt.state_dict()
+    assert torch.equal(sa["state"][0]["exp_avg"], sb["state"][0]["exp_avg"])
+    assert b.actor_sched.last_epoch == a.actor_sched.last_epoch
+    assert ck.meta["env_id"] == "Hopper-v5" and ck.meta["versions"]["torch"] == torch.__version__
+
+
+def test_corrupt_newest_falls_back_to_previous(tmp_path: Path) -> None:
+    a = _agent()
+    save_checkpoint(tmp_path, 1, a, meta={})
+    newest = save_checkpoint(tmp_path, 2, a, meta={})
+    with open(newest / "weights.safetensors", "r+b") as f:  # flip bytes: hash mismatch
+        f.seek(100)
+        f.write(b"\xff\xff\xff\xff")
+    assert load_checkpoint(tmp_path).iteration == 1
+    (tmp_path / "ckpt_000000001" / "meta.json").unlink()  # incomplete: no meta
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_half_written_temp_dir_is_ignored_and_cleaned(tmp_path: Path) -> None:
+    a = _agent()
+    save_checkpoint(tmp_path, 5, a, meta={})
+    stale = tmp_path / ".tmp-ckpt_000000006-999999-1"  # a crashed writer's leftovers
+    stale.mkdir()
+    (stale / "weights.safetensors").write_bytes(b"partial")
+    assert load_checkpoint(tmp_path).iteration == 5
+    save_checkpoint(tmp_path, 7, a, meta={}, keep=2)
+    assert not stale.exists()
+    assert [p.name for p in sorted(tmp_path.glob("ckpt_*"))] == ["ckpt_000000005", "ckpt_000000007"]
+
+
+def test_meta_is_plain_json_and_files_are_not_pickles(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path, 3, _agent(), meta={"note": "x"})
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["config"]["network"]["hidden_dim"] == 32
+    for f in path.glob("*.safetensors"):
+        assert not f.read_bytes().startswith(b"\x80")  # pickle protocol header
+    shutil.rmtree(path)
