@@ -1,0 +1,3 @@
+from actor.cli import main
+
+raise SystemExit(main())

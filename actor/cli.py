@@ -1,0 +1,218 @@
+"""``idql-actor``: act in a gymnasium env at a fixed control rate with a compiled engine,
+optionally streaming transitions to a learner; or ``--serve`` actions to ZeroMQ clients.
+
+A thin process: it builds library objects (checkpoint -> agent -> engine -> Actor or
+ActionServer) and runs their loop. SIGINT/SIGTERM stop it cleanly: the control loop
+stops (a robot would hold), the link flushes with a bounded wait for acks, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+import numpy as np
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="idql-actor",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint dir, or a run dir (newest valid)"
+    )
+    p.add_argument("--env", help="gymnasium env id (default: the checkpoint's)")
+    p.add_argument(
+        "--learner",
+        help="learner ingest endpoint, e.g. tcp://127.0.0.1:5555; "
+        "without it the actor only acts (deployment, evaluation)",
+    )
+    p.add_argument("--weights", help="learner weights endpoint (default: ingest port + 1)")
+    p.add_argument("--serve", help="serve actions on this endpoint instead of running an env")
+    p.add_argument("--actor-id", type=int, default=0, help="this actor's id (provenance, dedup)")
+    p.add_argument(
+        "--rate-hz",
+        type=float,
+        help="control rate; default: the env's own; 0 = as fast as possible",
+    )
+    p.add_argument("--mode", choices=["argmax", "implicit"], help="extraction (default: config)")
+    p.add_argument("--samples", type=int, help="N candidates per decision (default: config)")
+    p.add_argument(
+        "--engine", default="auto", help="auto, eager, cpu, compiled, cuda_graph, tensorrt"
+    )
+    p.add_argument("--device", default="cpu", help="torch device for the engine")
+    p.add_argument(
+        "--episodes", type=int, default=0, help="stop after this many episodes (0 = no limit)"
+    )
+    p.add_argument(
+        "--max-seconds", type=float, default=0.0, help="stop after this long (0 = no limit)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="env and sampling seed")
+    p.add_argument(
+        "--overrun-limit",
+        type=int,
+        default=50,
+        help="late decisions in a row that stop the actor safely",
+    )
+    p.add_argument(
+        "--safe-action", help="comma-separated fallback action (default: hold the last action)"
+    )
+    p.add_argument(
+        "--buffer-capacity",
+        type=int,
+        default=100_000,
+        help="max transitions held (unsent + unacknowledged); oldest dropped and counted beyond",
+    )
+    p.add_argument("--send-batch", type=int, default=64, help="transitions per message")
+    p.add_argument(
+        "--resend-timeout-s", type=float, default=2.0, help="resend an unacked batch after this"
+    )
+    p.add_argument(
+        "--flush-timeout-s", type=float, default=5.0, help="bounded wait for acks at shutdown"
+    )
+    p.add_argument("--max-batch", type=int, default=16, help="--serve: rows per engine call")
+    p.add_argument("--batch-window-s", type=float, default=0.001, help="--serve: gather window")
+    p.add_argument(
+        "--max-request-age-s", type=float, help="--serve: refuse requests older than this"
+    )
+    p.add_argument(
+        "--curve-dir",
+        help="CURVE keys: client.key_secret + server.key (actor), "
+        "server.key_secret + authorized/ (server)",
+    )
+    p.add_argument(
+        "--insecure", action="store_true", help="--serve: allow a non-loopback bind without CURVE"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument(
+        "--status-interval-s", type=float, default=5.0, help="seconds between status lines"
+    )
+    return p
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    import torch
+
+    from idql_runtime.checkpoint import load_checkpoint, restore_agent
+    from idql_runtime.engines import build_engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.checkpoint, with_train_state=False)
+    agent = restore_agent(ckpt, args.device, optimisers=False)
+    batch = args.max_batch if args.serve else 1
+    engine = build_engine(
+        agent,
+        kind=args.engine,
+        batch=batch,
+        samples=args.samples or agent.cfg.policy.samples,
+        mode=args.mode or agent.cfg.policy.mode,
+        device=args.device,
+        seed=args.seed,
+    )
+    logging.getLogger("idql-actor").info("engine: %s", engine.name)
+    return agent, engine, ckpt.meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        agent, engine, meta = _load(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"idql-actor: {e}", file=sys.stderr)
+        return 2
+    if args.serve:
+        from actor.serve import serve
+
+        return serve(args, agent, engine)
+    return act(args, agent, engine, meta)
+
+
+def act(args: argparse.Namespace, agent: Any, engine: Any, meta: dict[str, Any]) -> int:
+    from idql_runtime.actor_runtime import Actor
+    from idql_runtime.transport import ActorLink
+
+    env_id = args.env or meta.get("env_id")
+    if not env_id:
+        print("idql-actor: the checkpoint names no env; pass --env", file=sys.stderr)
+        return 2
+    link = None
+    if args.learner:
+        weights = args.weights or _next_port(args.learner)
+        link = ActorLink(
+            args.learner,
+            weights,
+            args.actor_id,
+            buffer_capacity=args.buffer_capacity,
+            batch_size=args.send_batch,
+            resend_timeout_s=args.resend_timeout_s,
+            curve=_curve(args.curve_dir, "client"),
+        )
+    safe = (
+        np.array([float(x) for x in args.safe_action.split(",")], np.float32)
+        if args.safe_action
+        else None
+    )
+    actor = Actor(
+        agent,
+        engine,
+        env_id,
+        actor_id=args.actor_id,
+        rate_hz=args.rate_hz,
+        link=link,
+        seed=args.seed,
+        overrun_limit=args.overrun_limit,
+        safe_action=safe,
+        status_interval_s=args.status_interval_s,
+    )
+
+    def _stop(signum: int, _frame: Any) -> None:
+        actor.stop_requested = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    report = actor.run(episodes=args.episodes, max_seconds=args.max_seconds)
+    flushed = link.close(flush_timeout_s=args.flush_timeout_s) if link else True
+    final = {
+        "actor_final": {
+            **actor.status(),
+            "stop_reason": report.stop_reason,
+            "returns": [round(r, 2) for r in report.returns],
+            "policy_versions": report.policy_versions,
+            "weight_swaps": report.weight_swaps,
+            "weights_refused": report.weights_refused,
+            "flushed": flushed,
+            "engine": engine.name,
+        }
+    }
+    if link:
+        final["actor_final"]["link_final"] = link.stats()
+    actor.close()
+    print(json.dumps(final, default=float), flush=True)
+    return 0 if not report.stop_reason.startswith("overrun_limit") else 3
+
+
+def _next_port(endpoint: str) -> str:
+    head, _, port = endpoint.rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"cannot derive the weights endpoint from {endpoint!r}; pass --weights")
+    return f"{head}:{int(port) + 1}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+def _curve(directory: str | None, role: str) -> Any:
+    if not directory:
+        return None
+    from idql_runtime.transport import curve_from_dir
+
+    return curve_from_dir(directory, role)

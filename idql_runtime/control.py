@@ -1,0 +1,202 @@
+"""Fixed-rate control on a monotonic clock, with deadline-checked decisions.
+
+``DeadlineDecider`` runs the engine in one worker thread. Each tick hands it the latest
+observation and waits until the tick's decision deadline; a result that is not there in
+time is never executed: the tick applies the fallback (hold the last action, or a
+configured safe action) and counts an overrun (reliability.md #9, ros2_control's
+overrun detection). ``overrun_limit`` overruns in a row raise ``OverrunLimit`` so the
+caller can stop the robot safely.
+
+``RateKeeper`` schedules ticks at start + k * period; when a tick is missed entirely it
+skips ahead (no catch-up burst) and counts the missed ticks.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class OverrunLimit(RuntimeError):
+    """Too many late decisions in a row: the actor must stop (or hold) safely."""
+
+
+class RateKeeper:
+    """Tick scheduler; ``rate_hz = 0`` means as fast as possible."""
+
+    def __init__(self, rate_hz: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate_hz < 0:
+            raise ValueError(f"rate_hz must be >= 0, got {rate_hz}")
+        self.rate_hz = rate_hz
+        self.period_s = 1.0 / rate_hz if rate_hz > 0 else 0.0
+        self.clock = clock
+        self.start = clock()
+        self.next_tick = self.start
+        self.ticks = 0
+        self.missed_ticks = 0
+
+    def wait(self) -> float:
+        """Sleep until the next tick; return its scheduled time (the tick's t0)."""
+        if self.period_s == 0:
+            self.ticks += 1
+            return self.clock()
+        now = self.clock()
+        if now < self.next_tick:
+            _sleep_until(self.next_tick, self.clock)
+        elif now - self.next_tick >= self.period_s:
+            skipped = int((now - self.next_tick) // self.period_s)
+            self.missed_ticks += skipped
+            self.next_tick += skipped * self.period_s
+        t0 = self.next_tick
+        self.next_tick += self.period_s
+        self.ticks += 1
+        return t0
+
+    def achieved_hz(self) -> float:
+        elapsed = self.clock() - self.start
+        return self.ticks / elapsed if elapsed > 0 else 0.0
+
+
+def _sleep_until(deadline: float, clock: Callable[[], float]) -> None:
+    # Plain sleeps, no busy-wait: a spinning control thread would hold the GIL and starve
+    # the decision thread (sleep overshoots by ~0.1 ms, well inside a tick).
+    while (remaining := deadline - clock()) > 0:
+        time.sleep(remaining)
+
+
+@dataclass
+class DecisionStats:
+    decisions: int = 0
+    overruns: int = 0
+    consecutive_overruns: int = 0
+    max_consecutive_overruns: int = 0
+    fallbacks: int = 0
+    latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=20_000))
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies_s) * 1e3
+        out: dict[str, Any] = {
+            "decisions": self.decisions,
+            "overruns": self.overruns,
+            "fallbacks": self.fallbacks,
+            "max_consecutive_overruns": self.max_consecutive_overruns,
+        }
+        if len(lat):
+            out.update(
+                latency_ms_p50=float(np.percentile(lat, 50)),
+                latency_ms_p99=float(np.percentile(lat, 99)),
+                latency_ms_max=float(lat.max()),
+            )
+        return out
+
+
+class DeadlineDecider:
+    """decide(obs) within a deadline, or a fallback action.
+
+    ``decide_fn`` maps obs (obs_dim,) -> action (act_dim,). ``safe_action`` None means
+    "hold the last executed action" (zeros before the first one).
+    """
+
+    def __init__(
+        self,
+        decide_fn: Callable[[np.ndarray], np.ndarray],
+        act_dim: int,
+        *,
+        safe_action: np.ndarray | None = None,
+        overrun_limit: int = 50,
+    ) -> None:
+        self.decide_fn = decide_fn
+        self.safe_action = None if safe_action is None else np.asarray(safe_action, np.float32)
+        self.last_action = np.zeros(act_dim, np.float32)
+        self.overrun_limit = overrun_limit
+        self.stats = DecisionStats()
+        self._cv = threading.Condition()
+        self._job: tuple[int, np.ndarray] | None = None
+        self._result: tuple[int, np.ndarray, float] | None = None
+        self._busy = False
+        self._ticket = 0
+        self._stop = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._worker, name="idql-decider", daemon=True)
+        self._thread.start()
+
+    def _worker(self) -> None:
+        while True:
+            with self._cv:
+                while self._job is None and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                assert self._job is not None
+                ticket, obs = self._job
+                self._job = None
+                self._busy = True
+            t0 = time.perf_counter()
+            try:
+                action = np.asarray(self.decide_fn(obs), dtype=np.float32)
+            except BaseException as e:  # surfaced on the control thread
+                with self._cv:
+                    self._error, self._busy = e, False
+                    self._cv.notify_all()
+                return
+            dt = time.perf_counter() - t0
+            self.stats.latencies_s.append(dt)  # late decisions count in the percentiles too
+            with self._cv:
+                self._result = (ticket, action, dt)
+                self._busy = False
+                self._cv.notify_all()
+
+    def decide(
+        self, obs: np.ndarray, deadline: float | None, clock: Callable[[], float] = time.monotonic
+    ) -> tuple[np.ndarray, bool]:
+        """Action for this tick and whether it is a fallback. ``deadline`` None = wait."""
+        with self._cv:
+            if self._error is not None:
+                raise RuntimeError("decision engine failed") from self._error
+            if self._busy:  # last tick's late decision is still running: cannot start one
+                return self._fallback(), True
+            self._ticket += 1
+            ticket = self._ticket
+            self._job, self._result = (ticket, obs), None
+            self._cv.notify_all()
+            while self._result is None or self._result[0] != ticket:
+                if self._error is not None:
+                    raise RuntimeError("decision engine failed") from self._error
+                if deadline is None:
+                    self._cv.wait(timeout=1.0)
+                    continue
+                remaining = deadline - clock()
+                if remaining <= 0:
+                    return self._fallback(), True
+                self._cv.wait(timeout=remaining)
+            _, action, _ = self._result
+        self.stats.decisions += 1
+        self.stats.consecutive_overruns = 0
+        self.last_action = action
+        return action, False
+
+    def _fallback(self) -> np.ndarray:
+        s = self.stats
+        s.overruns += 1
+        s.fallbacks += 1
+        s.consecutive_overruns += 1
+        s.max_consecutive_overruns = max(s.max_consecutive_overruns, s.consecutive_overruns)
+        if s.consecutive_overruns >= self.overrun_limit:
+            raise OverrunLimit(
+                f"{s.consecutive_overruns} late decisions in a row (limit {self.overrun_limit})"
+            )
+        action = self.safe_action if self.safe_action is not None else self.last_action
+        self.last_action = action
+        return action
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=5.0)

@@ -1,0 +1,130 @@
+"""Acting with a trained agent in a gymnasium env: the policy wrapper and evaluation."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from idql_runtime.agent import Agent
+from idql_runtime.decision import DecisionNoise, DecisionSpec
+from idql_runtime.envs import make_env, normalized_score
+
+
+class Policy:
+    """obs (obs_dim,) or (B, obs_dim) numpy -> action numpy, eager engine.
+
+    IDQL agents decide with N diffusion candidates (``mode`` argmax or implicit); the
+    Gaussian baselines act with the mean. Randomness comes from a private generator so
+    evaluation never disturbs the training RNG streams.
+    """
+
+    def __init__(
+        self, agent: Agent, *, samples: int | None = None, mode: str | None = None, seed: int = 0
+    ) -> None:
+        self.agent = agent
+        self.samples = samples or agent.cfg.policy.samples
+        self.decision = agent.decision(mode)
+        self.generator = torch.Generator(device=agent.device).manual_seed(seed)
+
+    @torch.no_grad()
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        single = obs.ndim == 1
+        o = torch.as_tensor(np.atleast_2d(obs), dtype=torch.float32, device=self.agent.device)
+        if self.agent.gaussian is not None:
+            action = self.agent.gaussian(o)[0]
+        else:
+            spec = DecisionSpec(
+                o.shape[0],
+                self.samples,
+                self.agent.schedule.steps,
+                self.agent.act_dim,
+                self.agent.obs_dim,
+            )
+            noise = DecisionNoise.draw(spec, generator=self.generator, device=self.agent.device)
+            action = self.decision(o, *noise).action
+        a = action.cpu().numpy()
+        return a[0] if single else a
+
+
+@dataclass
+class EvalResult:
+    returns: list[float]
+    lengths: list[int]
+    normalized: list[float] | None
+
+    def summary(self) -> dict[str, Any]:
+        r = np.asarray(self.returns)
+        out: dict[str, Any] = {
+            "episodes": len(r),
+            "return_mean": float(r.mean()),
+            "return_std": float(r.std()),
+            "returns": self.returns,
+            "lengths": self.lengths,
+        }
+        if self.normalized is not None:
+            n = np.asarray(self.normalized)
+            out.update(normalized_mean=float(n.mean()), normalized_std=float(n.std()))
+        return out
+
+
+def evaluate(
+    policy: Any,
+    env_id: str,
+    episodes: int,
+    *,
+    seed: int = 0,
+    ref: tuple[float, float] | None = None,
+    video_path: str | os.PathLike[str] | None = None,
+    video_episodes: int = 1,
+) -> EvalResult:
+    """Run ``episodes`` full episodes sequentially (env seeded once with ``seed``)."""
+    render = "rgb_array" if video_path else None
+    env = make_env(env_id, render_mode=render)
+    frames: list[np.ndarray] = []
+    returns, lengths = [], []
+    obs, _ = env.reset(seed=seed)
+    for ep in range(episodes):
+        if ep > 0:
+            obs, _ = env.reset()
+        total, steps, done = 0.0, 0, False
+        while not done:
+            action = policy(np.asarray(obs, dtype=np.float32))
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            steps += 1
+            done = bool(terminated or truncated)
+            if video_path and ep < video_episodes:
+                frames.append(env.render())  # type: ignore[arg-type]
+        returns.append(total)
+        lengths.append(steps)
+    env.close()
+    if video_path and frames:
+        import imageio.v2 as imageio
+
+        fps = int(env.metadata.get("render_fps", 30))
+        imageio.mimsave(str(video_path), frames, fps=min(fps, 60))
+    norm = [normalized_score(r, ref) for r in returns] if ref else None
+    return EvalResult(returns, lengths, norm)  # type: ignore[arg-type]
+
+
+def plot_returns(returns: list[float], path: str | os.PathLike[str], title: str = "") -> None:
+    """PNG of per-episode returns with the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(np.arange(1, len(returns) + 1), returns, "o-", ms=3, lw=1, label="episode return")
+    ax.axhline(float(np.mean(returns)), color="C1", ls="--", label=f"mean {np.mean(returns):.1f}")
+    ax.set_xlabel("episode")
+    ax.set_ylabel("return")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

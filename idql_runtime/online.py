@@ -1,0 +1,392 @@
+"""The online learner: ingest actors' transitions exactly once, finetune, publish weights.
+
+One loop, single-threaded: poll the ingest socket -> append new batches to the replay
+store (one atomic commit) -> ack them -> run the updates the update-to-data ratio owes ->
+publish weights every K updates -> checkpoint periodically and on SIGTERM.
+
+Exactly once: a batch is acked only after the store commit that holds it returns, and
+the set of committed (actor_id, seq) pairs is written *inside that same commit* (the
+store's commit record), so after a crash the table and the rows agree and a resent
+batch is recognised as a duplicate (reliability.md #1, #4).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from argparse import Namespace
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from idql_runtime.agent import Agent
+from idql_runtime.checkpoint import load_checkpoint, restore_agent, save_checkpoint
+from idql_runtime.config import Config, config_from_flat, parse_overrides
+from idql_runtime.envs import RewardTransform
+from idql_runtime.replay import MixedSampler, ReplaySampler, ReplayStore
+from idql_runtime.trainer import prepare_batch
+
+log = logging.getLogger(__name__)
+
+STORE_KEYS = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
+
+
+class SeqTable:
+    """Committed sequence numbers per actor as sorted disjoint [lo, hi] intervals.
+
+    Actors number batches consecutively (from a wall-clock start), so each actor run is
+    one interval and the table stays a handful of integers however long the run.
+    """
+
+    def __init__(self, intervals: dict[int, list[list[int]]] | None = None) -> None:
+        self.intervals: dict[int, list[list[int]]] = {
+            int(k): [list(map(int, iv)) for iv in v] for k, v in (intervals or {}).items()
+        }
+
+    def contains(self, actor_id: int, seq: int) -> bool:
+        return any(lo <= seq <= hi for lo, hi in self.intervals.get(actor_id, ()))
+
+    def add(self, actor_id: int, seq: int) -> None:
+        ivs = self.intervals.setdefault(actor_id, [])
+        ivs.append([seq, seq])
+        ivs.sort()
+        merged: list[list[int]] = []
+        for lo, hi in ivs:
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        self.intervals[actor_id] = merged
+
+    def gaps(self, actor_id: int) -> int:
+        """Missing seqs between the first and last committed one (lost or still in flight)."""
+        ivs = self.intervals.get(actor_id, [])
+        return sum(ivs[i + 1][0] - ivs[i][1] - 1 for i in range(len(ivs) - 1))
+
+    def to_json(self) -> dict[str, list[list[int]]]:
+        return {str(k): v for k, v in self.intervals.items()}
+
+
+def batch_rows(msg: dict[str, Any], actor_id: int) -> dict[str, np.ndarray]:
+    """Rows for the store from one decoded ``transitions`` message; KeyError/ValueError
+    name what is missing or malformed."""
+    arrays = msg["arrays"]
+    missing = [k for k in STORE_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"transitions from actor {actor_id} lack arrays {missing}")
+    n = len(msg["episode_ids"])
+    rows = {k: np.asarray(arrays[k]) for k in STORE_KEYS}
+    rows["reward"] = rows["reward"].reshape(n)
+    rows["terminated"] = rows["terminated"].reshape(n).astype(bool)
+    rows["truncated"] = rows["truncated"].reshape(n).astype(bool)
+    rows["actor_id"] = np.full(n, actor_id, np.int32)
+    rows["policy_version"] = np.full(n, msg["policy_version"], np.int64)
+    rows["episode_id"] = np.asarray(msg["episode_ids"], np.int64)
+    return rows
+
+
+class OnlineLearner:
+    """Owns the agent, stores, samplers, the ingest link and the bookkeeping."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        agent: Agent,
+        store: ReplayStore,
+        offline: ReplaySampler | None,
+        link: Any,
+        run_dir: Path,
+        transform: RewardTransform,
+        *,
+        meta: dict[str, Any],
+        policy_version: int = 0,
+        updates: int = 0,
+        seed: int = 0,
+    ) -> None:
+        self.cfg, self.agent, self.store, self.link = cfg, agent, store, link
+        self.run_dir, self.transform, self.meta = run_dir, transform, meta
+        self.policy_version, self.updates = policy_version, updates
+        self.seq = SeqTable(
+            store.commit_meta.get("seq_table") if hasattr(store, "commit_meta") else None
+        )
+        self.online = ReplaySampler(store, seed=seed + 1)
+        self.sampler: Any = (
+            MixedSampler(offline, self.online, cfg.online.online_fraction, seed=seed)
+            if offline is not None
+            else self.online
+        )
+        self.owed_updates = 0.0
+        self.counters = {
+            "ingested_rows": 0,
+            "ingested_batches": 0,
+            "duplicates": 0,
+            "append_failures": 0,
+            "bad_batches": 0,
+        }
+        self.store_healthy = True
+        self.generator = torch.Generator(device=agent.device).manual_seed(seed)
+        self.last_checkpoint = time.monotonic()
+        self.stop_requested = False
+
+    # ------------------------------------------------------------ ingest
+    def ingest(self, batches: Iterable[Any]) -> int:
+        """Append new batches in one commit, then ack them; duplicates acked at once.
+
+        If the commit fails (disk full, read-only store) nothing is acked: the actors
+        keep the batches and resend them; committed rows are untouched (reliability #15).
+        """
+        new: list[tuple[int, int, dict[str, np.ndarray]]] = []
+        pending: set[tuple[int, int]] = set()
+        for b in batches:
+            key = (b.actor_id, b.seq)
+            if self.seq.contains(*key) or key in pending:
+                self.counters["duplicates"] += 1
+                self.link.ack(b.actor_id, b.seq, len(self.store), status="duplicate")
+                continue
+            try:
+                rows = batch_rows(b.msg, b.actor_id)
+            except (KeyError, ValueError) as e:
+                self.counters["bad_batches"] += 1
+                self.link.reject(b.actor_id, b.seq, str(e))
+                continue
+            new.append((b.actor_id, b.seq, rows))
+            pending.add(key)
+        if not new:
+            return 0
+        merged = {k: np.concatenate([r[k] for _, _, r in new]) for k in new[0][2]}
+        table = SeqTable(self.seq.to_json())
+        for actor_id, seq, _ in new:
+            table.add(actor_id, seq)
+        try:
+            committed = self.store.append(merged, commit_meta={"seq_table": table.to_json()})
+        except OSError as e:
+            self.counters["append_failures"] += 1
+            if self.store_healthy:
+                log.error("replay append failed, not acknowledging until it works again: %s", e)
+            self.store_healthy = False
+            return 0
+        if not self.store_healthy:
+            log.info("replay store writable again")
+        self.store_healthy = True
+        self.seq = table
+        for actor_id, seq, _ in new:
+            self.link.ack(actor_id, seq, committed)
+        n = len(merged["reward"])
+        self.counters["ingested_rows"] += n
+        self.counters["ingested_batches"] += len(new)
+        self.owed_updates += n * self.cfg.online.updates_per_transition
+        return n
+
+    # ------------------------------------------------------------ learning
+    def train(self) -> int:
+        """Run the updates owed by the update-to-data ratio (capped per call)."""
+        o = self.cfg.online
+        if len(self.store) < o.warmup_transitions:
+            self.owed_updates = 0.0
+            return 0
+        self.sampler.refresh()
+        todo = min(int(self.owed_updates), o.max_updates_per_poll)
+        for _ in range(todo):
+            batch = prepare_batch(
+                self.sampler.sample(o.batch_size),
+                self.transform,
+                self.cfg.train.action_clip,
+                self.agent.device,
+            )
+            if o.finetune_actor:
+                self.last_metrics = self.agent.update(batch, self.generator)
+            else:
+                self.last_metrics = self.agent.critic_update(batch)
+            self.updates += 1
+            self.owed_updates -= 1
+            if self.updates % o.publish_every == 0:
+                self.publish()
+        return todo
+
+    def publish(self) -> None:
+        self.policy_version += 1
+        groups = (
+            ("q_target.", "v.", "score_ema.")
+            if self.cfg.online.finetune_actor
+            else ("q_target.", "v.")
+        )
+        tensors = {
+            k: v.detach().cpu().numpy()
+            for k, v in self.agent.inference_state().items()
+            if k.startswith(groups)
+        }
+        self.link.publish_weights(self.policy_version, tensors)
+
+    # ------------------------------------------------------------ persistence
+    def checkpoint(self) -> Path:
+        path = save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.updates,
+            self.agent,
+            meta=self.meta,
+            train_tensors={"rng.torch_global": torch.get_rng_state()},
+            train_json={
+                "policy_version": self.policy_version,
+                "updates": self.updates,
+                "online": True,
+            },
+            keep=self.cfg.train.keep_checkpoints,
+        )
+        self.last_checkpoint = time.monotonic()
+        return path
+
+    def status(self) -> dict[str, Any]:
+        link = self.link.stats() if hasattr(self.link, "stats") else {}
+        return {
+            "rows": len(self.store),
+            "updates": self.updates,
+            "policy_version": self.policy_version,
+            **self.counters,
+            "store_healthy": self.store_healthy,
+            "actors": {
+                str(a): {"rows": s.rows, "gaps": self.seq.gaps(a)}
+                for a, s in getattr(self.link, "actors", lambda: {})().items()
+            },
+            "rejected_messages": link.get("rejected", 0),
+            **{k: v for k, v in getattr(self, "last_metrics", {}).items()},
+        }
+
+    def run(self, max_seconds: float = 0.0, status_interval_s: float = 5.0) -> None:
+        t_end = time.monotonic() + max_seconds if max_seconds > 0 else float("inf")
+        next_status = time.monotonic() + status_interval_s
+        self.publish()  # actors start on the learner's current weights
+        while not self.stop_requested and time.monotonic() < t_end:
+            busy = self.updates_owed_now()
+            batches = self.link.poll(timeout_ms=0 if busy else 20)
+            if batches:
+                self.ingest(batches)
+            elif not self.store_healthy:
+                time.sleep(0.05)
+            self.train()
+            for dead in self.link.dead_actors() if hasattr(self.link, "dead_actors") else []:
+                log.warning("actor %s missed its heartbeats: freed", dead)
+            now = time.monotonic()
+            if now - self.last_checkpoint >= self.cfg.online.checkpoint_interval_s:
+                self.checkpoint()
+            if now >= next_status:
+                print(json.dumps({"learner": self.status()}), flush=True)
+                next_status = now + status_interval_s
+
+    def updates_owed_now(self) -> bool:
+        return len(self.store) >= self.cfg.online.warmup_transitions and self.owed_updates >= 1
+
+
+def _open_or_create_store(
+    path: str, obs_dim: int, act_dim: int, attrs: dict[str, Any]
+) -> ReplayStore:
+    from idql_runtime.replay import is_replay_store
+
+    if is_replay_store(path):
+        store = ReplayStore.open(path, mode="a")
+        if (store.obs_dim, store.act_dim) != (obs_dim, act_dim):
+            raise ValueError(
+                f"replay store {path} has obs/act dims {(store.obs_dim, store.act_dim)}, "
+                f"the checkpoint {(obs_dim, act_dim)}"
+            )
+        return store
+    return ReplayStore.create(path, obs_dim, act_dim, attrs=attrs)
+
+
+def run_online_learner(args: Namespace) -> int:
+    """Entry point of ``idql-learner --pretrained``; resumes from ``--run-dir`` if it has
+    online checkpoints (store + checkpoint + optimiser state + sequence table)."""
+    from idql_runtime.transport import LearnerLink, curve_from_dir
+
+    run_dir = Path(args.run_dir)
+    resumed = (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("ckpt_*"))
+    ckpt = load_checkpoint(run_dir / "checkpoints" if resumed else args.pretrained)
+    cfg_flat = {**_flat(ckpt.meta["config"]), **parse_overrides(args.set)}
+    cfg = config_from_flat(cfg_flat)
+    agent = restore_agent(ckpt, args.device, optimisers=True)
+    agent.cfg = cfg
+    tj = ckpt.meta.get("train_json", {}) if resumed else {}
+    if resumed and "rng.torch_global" in ckpt.train_tensors:
+        torch.set_rng_state(ckpt.train_tensors["rng.torch_global"])
+    transform = RewardTransform.from_dict(ckpt.meta["reward_transform"])
+    meta = {
+        k: v
+        for k, v in ckpt.meta.items()
+        if k in ("env_id", "reward_transform", "ref_scores", "spaces", "dataset")
+    }
+    if not args.replay:
+        print("idql-learner: --pretrained needs --replay STORE", file=sys.stderr)
+        return 2
+    store = _open_or_create_store(
+        args.replay,
+        agent.obs_dim,
+        agent.act_dim,
+        {"env_id": meta.get("env_id"), "source": "online"},
+    )
+    offline = None
+    if args.offline:
+        from idql_runtime.datasets import open_dataset
+
+        offline = ReplaySampler(open_dataset(args.offline), seed=cfg.train.seed).split(
+            1.0 - cfg.train.val_fraction, seed=cfg.train.seed
+        )[0]
+    curve = curve_from_dir(args.curve_dir, "server") if args.curve_dir else None
+    link = LearnerLink(
+        args.bind_ingest,
+        args.bind_weights,
+        curve=curve,
+        insecure=args.insecure,
+        heartbeat_liveness_s=args.heartbeat_liveness_s,
+    )
+    learner = OnlineLearner(
+        cfg,
+        agent,
+        store,
+        offline,
+        link,
+        run_dir,
+        transform,
+        meta=meta,
+        policy_version=int(tj.get("policy_version", 0)),
+        updates=int(tj.get("updates", 0)),
+        seed=cfg.train.seed,
+    )
+    log.info(
+        "learner %s: %d rows in %s, policy version %d, ingest %s, weights %s",
+        "resumed" if resumed else "started",
+        len(store),
+        args.replay,
+        learner.policy_version,
+        link.ingest_endpoint,
+        link.weights_endpoint,
+    )
+
+    def _stop(signum: int, _frame: Any) -> None:
+        learner.stop_requested = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        learner.run(args.max_seconds)
+    finally:
+        if learner.store_healthy:
+            learner.checkpoint()
+        print(json.dumps({"learner_final": learner.status()}), flush=True)
+        link.close()
+        store.close()
+    return 0
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,264 @@
+"""Offline pretraining loop: sample, update, log, evaluate, checkpoint, resume exactly.
+
+Exact resume: a checkpoint holds the networks, optimiser moments, LR-schedule counter,
+the torch global RNG (dropout), the loss-noise generator and the batch sampler's numpy
+RNG, so iteration k+1.. after ``--resume`` computes the same losses as an uninterrupted
+run with the same seed (tests/test_trainer.py checks this).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from idql_runtime.agent import Agent, to_tensors
+from idql_runtime.checkpoint import load_checkpoint, restore_agent, save_checkpoint
+from idql_runtime.config import Config
+from idql_runtime.envs import RewardTransform, reference_scores
+from idql_runtime.evaluation import Policy, evaluate
+from idql_runtime.replay import ReplaySampler, ReplayStore
+
+log = logging.getLogger(__name__)
+
+
+def prepare_batch(
+    batch: dict[str, np.ndarray],
+    transform: RewardTransform,
+    action_clip: float,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Reward transform, D4RL action clip, numpy -> tensors."""
+    b = dict(batch)
+    b["reward"] = transform(np.asarray(b["reward"], dtype=np.float32))
+    b["action"] = np.clip(b["action"], -action_clip, action_clip)
+    return to_tensors(b, device)
+
+
+def fit_reward_transform(store: ReplayStore, kind: str) -> RewardTransform:
+    n = len(store)
+    reward = store.read(0, n, keys=["reward"])["reward"]
+    return RewardTransform.fit(kind, np.asarray(reward, dtype=np.float64), store.episode_ends())
+
+
+def _sampler_rng(sampler: Any) -> np.random.Generator:
+    return getattr(sampler, "rng", None) or sampler._rng  # type: ignore[no-any-return]
+
+
+class OfflineTrainer:
+    """Owns the agent, data and bookkeeping of one offline run in ``run_dir``."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: ReplayStore,
+        run_dir: str | os.PathLike[str],
+        *,
+        device: str = "cpu",
+        progress: bool = True,
+        tensorboard: bool = True,
+    ) -> None:
+        self.cfg, self.store, self.run_dir = cfg, store, Path(run_dir)
+        self.device = torch.device(device)
+        self.progress, self.use_tb = progress, tensorboard
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        torch.manual_seed(t.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(t.seed)
+        if len(store) < 2:
+            raise ValueError(f"dataset {store} has {len(store)} rows; need at least 2")
+        full = ReplaySampler(store, seed=t.seed)
+        if t.val_fraction > 0:
+            self.train_sampler, self.val_sampler = full.split(1.0 - t.val_fraction, seed=t.seed)
+        else:
+            self.train_sampler, self.val_sampler = full, None
+        self.env_id = cfg.env_id or store.attrs.get("env_id")
+        self.ref = reference_scores(self.env_id, store.attrs)
+        self.transform = fit_reward_transform(store, t.reward_transform)
+        self.agent = Agent(cfg, store.obs_dim, store.act_dim, device=self.device)
+        self.iteration = 0
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------- state
+    def meta(self) -> dict[str, Any]:
+        return {
+            "env_id": self.env_id,
+            "reward_transform": self.transform.to_dict(),
+            "ref_scores": list(self.ref) if self.ref else None,
+            "dataset": {
+                "path": str(getattr(self.store, "path", "")),
+                "rows": len(self.store),
+                "attrs": self.store.attrs,
+            },
+            "spaces": {
+                "obs_shape": [self.store.obs_dim],
+                "act_shape": [self.store.act_dim],
+                "act_low": [-1.0] * self.store.act_dim,
+                "act_high": [1.0] * self.store.act_dim,
+            },
+        }
+
+    def save(self) -> Path:
+        tensors = {
+            "rng.torch_global": torch.get_rng_state(),
+            "rng.loss_generator": self.generator.get_state(),
+        }
+        train_json = {
+            "train_sampler_rng": _sampler_rng(self.train_sampler).bit_generator.state,
+            "val_sampler_rng": (
+                _sampler_rng(self.val_sampler).bit_generator.state if self.val_sampler else None
+            ),
+        }
+        return save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.iteration,
+            self.agent,
+            meta=self.meta(),
+            train_tensors=tensors,
+            train_json=train_json,
+            keep=self.cfg.train.keep_checkpoints,
+        )
+
+    def resume(self) -> bool:
+        """Load the newest valid checkpoint of this run; False if there is none."""
+        root = self.run_dir / "checkpoints"
+        if not root.exists() or not any(root.glob("ckpt_*")):
+            return False
+        ckpt = load_checkpoint(root)
+        self.agent = restore_agent(ckpt, self.device)
+        self.iteration = ckpt.iteration
+        self.transform = RewardTransform.from_dict(ckpt.meta["reward_transform"])
+        torch.set_rng_state(ckpt.train_tensors["rng.torch_global"])
+        self.generator.set_state(ckpt.train_tensors["rng.loss_generator"])
+        tj = ckpt.meta["train_json"]
+        _sampler_rng(self.train_sampler).bit_generator.state = tj["train_sampler_rng"]
+        if self.val_sampler and tj.get("val_sampler_rng"):
+            _sampler_rng(self.val_sampler).bit_generator.state = tj["val_sampler_rng"]
+        log.info("resumed from %s at iteration %d", ckpt.path, self.iteration)
+        return True
+
+    # ------------------------------------------------------------- loop
+    def step(self) -> dict[str, float]:
+        """One iteration: sample a batch, update actor -> V -> Q."""
+        t = self.cfg.train
+        batch = prepare_batch(
+            self.train_sampler.sample(t.batch_size), self.transform, t.action_clip, self.device
+        )
+        metrics = self.agent.update(batch, self.generator)
+        self.iteration += 1
+        return metrics
+
+    def validation_metrics(self, batch_size: int = 512) -> dict[str, float]:
+        """Losses on held-out rows without updating anything (no RNG of training is used)."""
+        if self.val_sampler is None:
+            return {}
+        t = self.cfg.train
+        rng_state = _sampler_rng(self.val_sampler).bit_generator.state
+        batch = prepare_batch(
+            self.val_sampler.sample(batch_size), self.transform, t.action_clip, self.device
+        )
+        _sampler_rng(self.val_sampler).bit_generator.state = rng_state
+        from idql_runtime.diffusion import ddpm_loss
+
+        gen = torch.Generator(device=self.device).manual_seed(12345)
+        with torch.no_grad():
+            self.agent.score_ema.eval()
+            actor = float(
+                ddpm_loss(
+                    self.agent.score_ema, batch["obs"], batch["action"], self.agent.schedule, gen
+                )
+            )
+        return {"val_actor_loss": actor, "val_td_error": self.agent.td_error(batch)}
+
+    def evaluate_now(self, episodes: int | None = None) -> dict[str, Any]:
+        t = self.cfg.train
+        if not self.env_id:
+            return {}
+        out: dict[str, Any] = {}
+        samples = t.eval_samples if self.agent.gaussian is None else [1]
+        for n in samples:
+            pol = Policy(self.agent, samples=n, seed=t.seed + self.iteration)
+            res = evaluate(
+                pol, self.env_id, episodes or t.eval_episodes, seed=t.seed + 10_000, ref=self.ref
+            )
+            out[f"N{n}"] = res.summary()
+        return out
+
+    def run(self, iterations: int | None = None) -> dict[str, Any]:
+        t = self.cfg.train
+        total = t.iterations if iterations is None else iterations
+        writer = None
+        if self.use_tb:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.run_dir / "tb"))
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=total,
+            initial=self.iteration,
+            disable=not self.progress,
+            desc="pretrain",
+            unit="it",
+            dynamic_ncols=True,
+        )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.run_dir / "metrics.jsonl", "a")
+        t0, it0 = time.perf_counter(), self.iteration
+        try:
+            while self.iteration < total:
+                m = self.step()
+                bar.update(1)
+                if self.iteration % t.log_interval == 0 or self.iteration == total:
+                    elapsed = time.perf_counter() - t0
+                    m["its_per_s"] = (self.iteration - it0) / max(elapsed, 1e-9)
+                    m.update(self.validation_metrics())
+                    m["iteration"] = self.iteration
+                    self.history.append(m)
+                    log_file.write(json.dumps(m) + "\n")
+                    log_file.flush()
+                    bar.set_postfix(
+                        actor=f"{m['actor_loss']:.3f}",
+                        q=f"{m['q_loss']:.3f}",
+                        v=f"{m['v_loss']:.3f}",
+                    )
+                    if writer:
+                        for k, v in m.items():
+                            writer.add_scalar(f"train/{k}", v, self.iteration)
+                if t.eval_interval and self.iteration % t.eval_interval == 0:
+                    ev = self.evaluate_now()
+                    log_file.write(json.dumps({"iteration": self.iteration, "eval": ev}) + "\n")
+                    for key, s in ev.items():
+                        if writer:
+                            writer.add_scalar(
+                                f"eval/{key}/return", s["return_mean"], self.iteration
+                            )
+                            if "normalized_mean" in s:
+                                writer.add_scalar(
+                                    f"eval/{key}/normalized", s["normalized_mean"], self.iteration
+                                )
+                        bar.write(
+                            f"[eval it={self.iteration}] {key}: return {s['return_mean']:.1f}"
+                            + (
+                                f", normalized {s['normalized_mean']:.1f}"
+                                if "normalized_mean" in s
+                                else ""
+                            )
+                        )
+                if self.iteration % t.checkpoint_interval == 0:
+                    self.save()
+            if not list((self.run_dir / "checkpoints").glob(f"ckpt_{self.iteration:09d}")):
+                self.save()
+        finally:
+            bar.close()
+            log_file.close()
+            if writer:
+                writer.close()
+        return {"iteration": self.iteration, "history": self.history}

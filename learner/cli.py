@@ -1,0 +1,112 @@
+"""``idql-learner``: offline pretraining (``--dataset``) or online finetuning (``--pretrained``).
+
+A thin process: it parses arguments, builds library objects and runs their loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from idql_runtime.config import ConfigError, describe_fields, load_config, parse_overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="idql-learner",
+        description="Pretrain IDQL offline on a dataset, or finetune a pretrained checkpoint "
+        "online from actors' transitions. Config fields: --help-config.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = p.add_argument_group("offline pretraining")
+    src.add_argument("--dataset", help="replay store, D4RL hdf5, Minari dir, DP zarr or npz")
+    on = p.add_argument_group("online finetuning")
+    on.add_argument("--pretrained", help="checkpoint (dir) to finetune")
+    on.add_argument("--replay", help="online replay store (created if missing)")
+    on.add_argument("--offline", help="offline dataset mixed into every batch")
+    on.add_argument(
+        "--bind-ingest",
+        default="tcp://127.0.0.1:5555",
+        help="ROUTER endpoint actors send transitions to",
+    )
+    on.add_argument(
+        "--bind-weights",
+        default="tcp://127.0.0.1:5556",
+        help="PUB endpoint weights are broadcast on",
+    )
+    on.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback bind without CURVE keys"
+    )
+    on.add_argument(
+        "--curve-dir", help="directory with server.key_secret and authorized client keys"
+    )
+    on.add_argument(
+        "--max-seconds",
+        type=float,
+        default=0.0,
+        help="stop after this many seconds (0 = run until SIGINT/SIGTERM)",
+    )
+    on.add_argument(
+        "--heartbeat-liveness-s",
+        type=float,
+        default=3.0,
+        help="an actor silent this long is declared dead",
+    )
+    p.add_argument("--config", help="YAML config (configs/*.yaml)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.iterations=1000",
+    )
+    p.add_argument("--run-dir", default="runs/learner", help="checkpoints, logs, TensorBoard")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the run's newest checkpoint"
+    )
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.help_config:
+        print(describe_fields())
+        return 0
+    try:
+        if args.pretrained:
+            from idql_runtime.online import run_online_learner
+
+            return run_online_learner(args)
+        if not args.dataset:
+            print(
+                "idql-learner: give --dataset PATH (offline) or --pretrained CKPT (online)",
+                file=sys.stderr,
+            )
+            return 2
+        cfg = load_config(args.config, parse_overrides(args.set))
+    except ConfigError as e:
+        print(f"idql-learner: config error: {e}", file=sys.stderr)
+        return 2
+    from idql_runtime.datasets import open_dataset
+    from idql_runtime.trainer import OfflineTrainer
+
+    store = open_dataset(args.dataset)
+    trainer = OfflineTrainer(
+        cfg, store, Path(args.run_dir), device=args.device, progress=not args.no_progress
+    )
+    if args.resume and trainer.resume():
+        print(f"resumed at iteration {trainer.iteration}", file=sys.stderr)
+    result = trainer.run()
+    ckpt = trainer.run_dir / "checkpoints"
+    print(f"done: {result['iteration']} iterations; checkpoints in {ckpt}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

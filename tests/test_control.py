@@ -1,0 +1,79 @@
+"""Fixed-rate ticks and deadline-checked decisions (reliability.md #9)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from idql_runtime.control import DeadlineDecider, OverrunLimit, RateKeeper
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_rate_keeper_schedules_on_a_grid_and_skips_missed_ticks() -> None:
+    clock = FakeClock()
+    rk = RateKeeper(10.0, clock=clock)  # period 0.1 s
+    assert rk.wait() == pytest.approx(100.0)
+    clock.t = 100.1  # exactly on time
+    assert rk.wait() == pytest.approx(100.1)
+    clock.t = 100.45  # ticks at 100.2, 100.3 and 100.4 missed
+    t0 = rk.wait()
+    assert t0 == pytest.approx(100.4) and rk.missed_ticks == 2
+    assert rk.next_tick == pytest.approx(100.5)  # no catch-up burst
+
+
+def test_rate_keeper_real_clock_holds_rate() -> None:
+    rk = RateKeeper(200.0)
+    t = [rk.wait() for _ in range(40)]
+    assert np.allclose(np.diff(t), 0.005)
+    assert rk.achieved_hz() == pytest.approx(200.0, rel=0.15)
+
+
+def test_late_decision_gets_fallback_and_is_never_executed() -> None:
+    calls: list[float] = []
+
+    def slow_then_fast(obs: np.ndarray) -> np.ndarray:
+        calls.append(obs[0])
+        if obs[0] == 1.0:
+            time.sleep(0.15)
+        return np.full(2, obs[0], np.float32)
+
+    d = DeadlineDecider(slow_then_fast, 2, overrun_limit=10)
+    a0, late0 = d.decide(np.array([0.0]), time.monotonic() + 1.0)
+    assert not late0 and a0.tolist() == [0.0, 0.0]
+    a1, late1 = d.decide(np.array([1.0]), time.monotonic() + 0.02)
+    assert late1 and a1.tolist() == [0.0, 0.0]  # held the last executed action
+    # the slow decision is still running: the next tick cannot start one either
+    a2, late2 = d.decide(np.array([2.0]), time.monotonic() + 0.01)
+    assert late2 and a2.tolist() == [0.0, 0.0]
+    time.sleep(0.2)
+    a3, late3 = d.decide(np.array([3.0]), time.monotonic() + 1.0)
+    assert not late3 and a3.tolist() == [3.0, 3.0]  # the late [1, 1] never came out
+    assert d.stats.overruns == 2 and d.stats.decisions == 2
+    assert calls == [0.0, 1.0, 3.0]
+    d.close()
+
+
+def test_safe_action_and_overrun_limit() -> None:
+    d = DeadlineDecider(
+        lambda o: (time.sleep(0.05), np.ones(2, np.float32))[1],
+        2,
+        safe_action=np.array([0.5, -0.5]),
+        overrun_limit=3,
+    )
+    a, late = d.decide(np.zeros(1), time.monotonic() + 0.001)
+    assert late and a.tolist() == [0.5, -0.5]
+    time.sleep(0.06)
+    with pytest.raises(OverrunLimit, match="3 late decisions in a row"):
+        for _ in range(3):
+            d.decide(np.zeros(1), time.monotonic() + 0.001)
+            time.sleep(0.06)
+    d.close()
