@@ -32,9 +32,11 @@ def test_rate_keeper_schedules_on_a_grid_and_skips_missed_ticks() -> None:
 
 def test_rate_keeper_real_clock_holds_rate() -> None:
     rk = RateKeeper(200.0)
-    t = [rk.wait() for _ in range(40)]
-    assert np.allclose(np.diff(t), 0.005)
-    assert rk.achieved_hz() == pytest.approx(200.0, rel=0.15)
+    t = np.array([rk.wait() for _ in range(40)])
+    # every tick sits on the 5 ms grid; a tick lost to a loaded machine is counted, not bunched
+    steps = np.diff(t) / 0.005
+    assert np.allclose(steps, np.round(steps)) and (np.round(steps) >= 1).all()
+    assert int(np.round(steps).sum()) == 39 + rk.missed_ticks
 
 
 def test_late_decision_gets_fallback_and_is_never_executed() -> None:
