@@ -104,7 +104,10 @@ class Agent(nn.Module):
             self.actor_opt.step()
             self.actor_sched.step()
             ema_update(self.score_ema, self.score, t.actor_ema)
-        return {"actor_loss": float(loss.detach()), "actor_lr": self.actor_sched.get_last_lr()[0]}
+        return {
+            "actor_loss": float(loss.detach()),
+            "actor_lr": float(self.actor_sched.get_last_lr()[0]),
+        }
 
     def _gaussian_step(self, batch: Batch) -> dict[str, float]:
         assert self.gaussian is not None
@@ -121,7 +124,10 @@ class Agent(nn.Module):
         loss.backward()
         self.actor_opt.step()
         self.actor_sched.step()
-        return {"actor_loss": float(loss.detach()), "actor_lr": self.actor_sched.get_last_lr()[0]}
+        return {
+            "actor_loss": float(loss.detach()),
+            "actor_lr": float(self.actor_sched.get_last_lr()[0]),
+        }
 
     def value_step(self, batch: Batch) -> dict[str, float]:
         c = self.cfg.critic

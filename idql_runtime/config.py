@@ -21,7 +21,7 @@ import yaml
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict, tuple)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)  # type: ignore[misc]
     return field(default=default, metadata={"help": help}, **kw)
 
 
@@ -366,7 +366,7 @@ def describe_fields() -> str:
         val = getattr(defaults, f.name)
         if dataclasses.is_dataclass(val):
             lines.append(
-                f"{f.name}:  # {type(val).__doc__.splitlines()[0] if type(val).__doc__ else ''}"
+                f"{f.name}:  # {(type(val).__doc__ or '').splitlines()[0] if type(val).__doc__ else ''}"
             )
             for g in fields(val):
                 lines.append(

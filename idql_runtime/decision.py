@@ -32,7 +32,7 @@ class DecisionOutput(NamedTuple):
     chosen_q: Tensor
     value: Tensor
     adv_spread: Tensor
-    index: Tensor
+    index: Tensor  # type: ignore[assignment]  # shadows tuple.index on purpose
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class Decision(nn.Module):
 
         # Critic: min over target-Q heads of every candidate, observation share hoisted.
         q_obs = self.q.first_obs_share(obs).unsqueeze(2)  # (E, B, 1, H0)
-        w_qa = self.q.layers[0].weight[:, self.q.obs_dim :]  # (E, A, H0)
+        w_qa = self.q.layers[0].weight[:, self.q.obs_dim :]  # type: ignore[index]  # (E, A, H0)
         h = torch.relu(q_obs + torch.matmul(x.unsqueeze(0), w_qa.unsqueeze(1)))  # (E, B, N, H0)
         h = h.reshape(h.shape[0], b * n, h.shape[-1])
         for layer in self.q.layers[1:-1]:

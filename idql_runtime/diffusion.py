@@ -128,7 +128,8 @@ def sample(
     noise is added at t = 0). Returns x_0 (M, A), clipped to [-1, 1].
     """
     dtype = x_init.dtype
-    coeffs = tuple(c.to(x_init.device, dtype) for c in schedule.reverse_coefficients())
+    c0, c1, c2 = (c.to(x_init.device, dtype) for c in schedule.reverse_coefficients())
+    coeffs = (c0, c1, c2)
     x = x_init
     ones = torch.ones(x.shape[0], 1, device=x.device, dtype=dtype)
     for t in range(schedule.steps - 1, -1, -1):
@@ -136,5 +137,5 @@ def sample(
             x, eps_model(obs, x, ones * t), t, coeffs, step_noise[t], temperature, clip
         )  # type: ignore[arg-type]
     for _ in range(extra_final_steps):
-        x = reverse_step(x, eps_model(obs, x, ones * 0), 0, coeffs, None, temperature, clip)  # type: ignore[arg-type]
+        x = reverse_step(x, eps_model(obs, x, ones * 0), 0, coeffs, None, temperature, clip)
     return x.clamp(-1.0, 1.0)

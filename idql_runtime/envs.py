@@ -32,7 +32,7 @@ def make_env(env_id: str, *, render_mode: str | None = None, **kwargs: Any) -> g
     if not isinstance(space, gym.spaces.Box):
         raise ValueError(f"{env_id}: IDQL needs a continuous Box action space, got {space}")
     if not (np.allclose(space.low, -1.0) and np.allclose(space.high, 1.0)):
-        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
+        env = gym.wrappers.RescaleAction(env, np.float32(-1.0), np.float32(1.0))
     env = gym.wrappers.ClipAction(env)
     return env
 
@@ -43,8 +43,8 @@ def spaces_of(env: gym.Env) -> dict[str, Any]:
     return {
         "obs_shape": list(obs.shape or ()),
         "act_shape": list(act.shape or ()),
-        "act_low": np.asarray(act.low, dtype=float).tolist(),  # type: ignore[attr-defined]
-        "act_high": np.asarray(act.high, dtype=float).tolist(),  # type: ignore[attr-defined]
+        "act_low": np.asarray(act.low, dtype=np.float64).tolist(),  # type: ignore[attr-defined]
+        "act_high": np.asarray(act.high, dtype=np.float64).tolist(),  # type: ignore[attr-defined]
     }
 
 

@@ -106,7 +106,7 @@ def evaluate(
         import imageio.v2 as imageio
 
         fps = int(env.metadata.get("render_fps", 30))
-        imageio.mimsave(str(video_path), frames, fps=min(fps, 60))
+        imageio.mimsave(str(video_path), frames, fps=min(fps, 60))  # type: ignore[arg-type]
     norm = [normalized_score(r, ref) for r in returns] if ref else None
     return EvalResult(returns, lengths, norm)  # type: ignore[arg-type]
 

@@ -157,12 +157,12 @@ class QEnsemble(nn.Module):
 
     def first_obs_share(self, obs: Tensor) -> Tensor:
         """The observation's share of layer 0 incl. bias: (E, B, hidden0)."""
-        w = self.layers[0].weight[:, : self.obs_dim]
-        return torch.matmul(obs.unsqueeze(0), w) + self.layers[0].bias
+        first: EnsembleLinear = self.layers[0]  # type: ignore[assignment]
+        return torch.matmul(obs.unsqueeze(0), first.weight[:, : self.obs_dim]) + first.bias
 
     def forward_hidden0(self, obs_share: Tensor, action: Tensor) -> Tensor:
         """Q from a precomputed observation share (E, B, h0) and actions (B, act_dim) -> (E, B)."""
-        w_a = self.layers[0].weight[:, self.obs_dim :]
+        w_a = self.layers[0].weight[:, self.obs_dim :]  # type: ignore[index]
         h = torch.relu(obs_share + torch.matmul(action.unsqueeze(0), w_a))
         for layer in self.layers[1:-1]:
             h = torch.relu(layer(h))

@@ -75,6 +75,8 @@ class OfflineTrainer:
         if len(store) < 2:
             raise ValueError(f"dataset {store} has {len(store)} rows; need at least 2")
         full = ReplaySampler(store, seed=t.seed)
+        self.train_sampler: ReplaySampler
+        self.val_sampler: ReplaySampler | None
         if t.val_fraction > 0:
             self.train_sampler, self.val_sampler = full.split(1.0 - t.val_fraction, seed=t.seed)
         else:
