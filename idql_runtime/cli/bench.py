@@ -1,0 +1,446 @@
+"""``idql-bench``: decision latency per engine (p50/p99 beside plain eager measured in the
+same run, interleaved) for N candidates x B states, and learner iterations/s; JSON to
+stdout, a text table to stderr, a latency histogram PNG in --out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HALFCHEETAH = (17, 6)
+HEAVY_KINDS = {"compiled", "tensorrt"}  # minutes of compilation per shape
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="idql-bench",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", help="checkpoint dir or run dir; default: random weights")
+    p.add_argument("--obs-dim", type=int, default=HALFCHEETAH[0], help="obs size (random weights)")
+    p.add_argument(
+        "--act-dim", type=int, default=HALFCHEETAH[1], help="action size (random weights)"
+    )
+    p.add_argument(
+        "--engines",
+        default="auto,eager,cpu",
+        help="comma list of engine kinds (auto, eager, cpu, cuda_graph, compiled, tensorrt)",
+    )
+    p.add_argument("--samples", default="16,64,128,256", help="comma list of N")
+    p.add_argument("--batch", default="1,64", help="comma list of B")
+    p.add_argument("--iters", type=int, default=300, help="timed decisions per engine and shape")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=6.0,
+        help="cap on timed seconds per engine and shape (fewer iters for slow ones)",
+    )
+    p.add_argument(
+        "--heavy-shapes",
+        default=None,
+        help="NxB list for compiled/tensorrt (e.g. 128x1,64x1), or 'all'; "
+        "default 64x1 on cpu, 128x1 on cuda",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode for the compiled engine (default: the engine's)",
+    )
+    p.add_argument("--dtype", default="float32", help="engine dtype (float32, bfloat16, float16)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--learner", action="store_true", help="also time the learner iteration")
+    p.add_argument(
+        "--learner-backends",
+        default="auto",
+        help="LearnerStep backends to time; suffix ':tf32' for TF32 matmuls (GPU)",
+    )
+    p.add_argument("--learner-batch", type=int, default=512, help="learner batch rows")
+    p.add_argument("--learner-iters", type=int, default=50, help="timed learner iterations")
+    p.add_argument("--no-decisions", action="store_true", help="skip the decision benchmark")
+    p.add_argument("--seed", type=int, default=0, help="weights / noise seed")
+    p.add_argument("--out", default="bench_out", help="directory for the PNG (and bench.json)")
+    return p
+
+
+# ---------------------------------------------------------------- helpers
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _agent(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    import torch
+
+    from idql_runtime.agent import Agent
+    from idql_runtime.config import Config
+
+    if args.checkpoint:
+        from idql_runtime.checkpoint import load_checkpoint, restore_agent
+
+        ckpt = load_checkpoint(args.checkpoint, with_train_state=False)
+        agent = restore_agent(ckpt, args.device, optimisers=False)
+        return agent, {
+            "source": "checkpoint",
+            "path": str(ckpt.path),
+            "iteration": ckpt.iteration,
+            "obs_dim": agent.obs_dim,
+            "act_dim": agent.act_dim,
+        }
+    torch.manual_seed(args.seed)
+    agent = Agent(Config(), args.obs_dim, args.act_dim, device=args.device)
+    note = (
+        "random-weight networks of HalfCheetah sizes (obs 17, act 6), default (v2) config"
+        if (args.obs_dim, args.act_dim) == HALFCHEETAH
+        else "random-weight networks"
+    )
+    return agent, {
+        "source": "random",
+        "note": note,
+        "obs_dim": args.obs_dim,
+        "act_dim": args.act_dim,
+    }
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def _time_calls(fn: Any, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        fn()
+        out.append((time.perf_counter_ns() - t0) / 1e3)
+    return out
+
+
+def interleaved(
+    engine_fn: Any, eager_fn: Any, iters: int, max_s: float, rounds: int = 10
+) -> tuple[list[float], list[float]]:
+    """Latencies (us) of both, alternating blocks so load changes hit both alike."""
+    probe = _time_calls(engine_fn, 3) + _time_calls(eager_fn, 3)
+    per_pair_s = (np.median(probe[:3]) + np.median(probe[3:])) / 1e6
+    n = int(max(10, min(iters, max_s / max(per_pair_s, 1e-9))))
+    rounds = max(1, min(rounds, n // 5))
+    eng: list[float] = []
+    eag: list[float] = []
+    for r in range(rounds):
+        k = n // rounds + (1 if r < n % rounds else 0)
+        eng += _time_calls(engine_fn, k)
+        eag += _time_calls(eager_fn, k)
+    return eng, eag
+
+
+def _heavy_shapes(args: argparse.Namespace) -> set[tuple[int, int]] | None:
+    text = args.heavy_shapes or ("128x1" if args.device == "cuda" else "64x1")
+    if text == "all":
+        return None
+    return {tuple(int(v) for v in s.split("x")) for s in text.split(",")}  # type: ignore[misc]
+
+
+def bench_decisions(agent: Any, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict]:
+    from idql_runtime.engines import build_engine, resolve_kind
+
+    kinds = [k.strip() for k in args.engines.split(",") if k.strip()]
+    heavy = _heavy_shapes(args)
+    rows: list[dict[str, Any]] = []
+    samples: dict[str, list[float]] = {}
+    rng = np.random.default_rng(args.seed)
+    for b in _ints(args.batch):
+        for n in _ints(args.samples):
+            eager = build_engine(
+                agent, kind="eager", batch=b, samples=n, device=args.device, seed=args.seed
+            )
+            obs = rng.standard_normal((b, agent.obs_dim)).astype(np.float32)
+            for _ in range(3):
+                eager.decide(obs)
+            for req in kinds:
+                row: dict[str, Any] = {
+                    "requested": req,
+                    "batch": b,
+                    "samples": n,
+                    "dtype": args.dtype,
+                }
+                try:
+                    kind = resolve_kind(req, args.device)
+                    row["engine"] = kind
+                    if kind in HEAVY_KINDS and heavy is not None and (n, b) not in heavy:
+                        continue
+                    t0 = time.perf_counter()
+                    dtype = "float32" if kind == "eager" else args.dtype
+                    opts: dict[str, Any] = {}
+                    if kind == "cpu" and args.threads:
+                        opts["threads"] = args.threads
+                    if kind == "compiled" and args.compile_mode:
+                        opts["compile_mode"] = args.compile_mode
+                    eng = build_engine(
+                        agent,
+                        kind=kind,
+                        batch=b,
+                        samples=n,
+                        dtype=dtype,
+                        device=args.device,
+                        seed=args.seed,
+                        **opts,
+                    )
+                    for _ in range(3):
+                        eng.decide(obs)
+                    row["build_s"] = round(time.perf_counter() - t0, 3)
+                    row["engine"] = eng.name
+                    row["info"] = {k: v for k, v in eng.info.items() if k != "card"}
+                    lat, base = interleaved(
+                        lambda e=eng, o=obs: e.decide(o),
+                        lambda e=eager, o=obs: e.decide(o),
+                        args.iters,
+                        args.max_seconds,
+                    )
+                except Exception as e:  # noqa: BLE001 - one engine failing must not stop the run
+                    row["error"] = f"{type(e).__name__}: {e}"
+                    rows.append(row)
+                    continue
+                row.update(
+                    iters=len(lat),
+                    p50_us=round(_pct(lat, 50), 1),
+                    p99_us=round(_pct(lat, 99), 1),
+                    mean_us=round(float(np.mean(lat)), 1),
+                    eager_p50_us=round(_pct(base, 50), 1),
+                    eager_p99_us=round(_pct(base, 99), 1),
+                )
+                row["speedup_p50"] = round(row["eager_p50_us"] / row["p50_us"], 3)
+                row["speedup_p99"] = round(row["eager_p99_us"] / row["p99_us"], 3)
+                rows.append(row)
+                samples[f"{row['engine']}|{b}|{n}"] = lat
+                samples.setdefault(f"eager-baseline|{b}|{n}", base)
+    return rows, samples
+
+
+def bench_learner(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torch
+
+    from idql_runtime.agent import Agent
+    from idql_runtime.config import Config
+    from idql_runtime.engines.learner_step import LearnerStep
+
+    b, dev = args.learner_batch, args.device
+    obs_dim, act_dim = args.obs_dim, args.act_dim
+    g = torch.Generator().manual_seed(args.seed)
+    batch = {
+        "obs": torch.randn(b, obs_dim, generator=g),
+        "action": torch.rand(b, act_dim, generator=g) * 2 - 1,
+        "reward": torch.randn(b, generator=g),
+        "next_obs": torch.randn(b, obs_dim, generator=g),
+        "terminated": torch.rand(b, generator=g) < 0.05,
+    }
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def make_agent() -> Any:
+        torch.manual_seed(args.seed)
+        return Agent(Config(), obs_dim, act_dim, device=dev)
+
+    def per_iter(fn: Any, n: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / n
+
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    eager_agent = make_agent()
+    for _ in range(2):
+        eager_agent.update(batch, gen)
+    rounds = 5
+    n_fast = max(rounds, args.learner_iters) // rounds
+    n_eager = max(1, n_fast // (1 if dev == "cuda" else 4))
+    rows: list[dict[str, Any]] = []
+    for item in [s.strip() for s in args.learner_backends.split(",") if s.strip()]:
+        backend, _, prec = item.partition(":")  # e.g. "compile_cuda_graph:tf32"
+        precision = "high" if prec == "tf32" else "highest"
+        row: dict[str, Any] = {"batch": b, "requested": item, "matmul_precision": precision}
+        try:
+            t0 = time.perf_counter()
+            step = LearnerStep(
+                make_agent(), b, backend=backend, seed=args.seed, matmul_precision=precision
+            )
+            for _ in range(3):
+                step.step(batch)
+            sync()
+            row["backend"] = step.backend
+            row["build_s"] = round(time.perf_counter() - t0, 2)
+            fast, base = [], []
+            for _ in range(rounds):  # alternate so load changes hit both alike
+                fast.append(per_iter(lambda s=step: s.step(batch), n_fast))
+                base.append(per_iter(lambda: eager_agent.update(batch, gen), n_eager))
+            f, e = float(np.median(fast)), float(np.median(base))
+        except Exception as ex:  # noqa: BLE001
+            row["error"] = f"{type(ex).__name__}: {ex}"
+            rows.append(row)
+            continue
+        row.update(
+            us_per_iter=round(f * 1e6, 1),
+            iters_per_s=round(1 / f, 1),
+            eager_us_per_iter=round(e * 1e6, 1),
+            eager_iters_per_s=round(1 / e, 1),
+            speedup=round(e / f, 3),
+            iters=n_fast * rounds,
+            eager="Agent.update (torch.optim, float metrics)",
+        )
+        rows.append(row)
+    return rows
+
+
+def plot_histograms(samples: dict[str, list[float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({tuple(int(x) for x in k.split("|")[1:]) for k in samples})
+    if not shapes:
+        return
+    cols = min(4, len(shapes))
+    rows = (len(shapes) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (b, n) in zip(axes.flat, shapes, strict=False):
+        sel = {k.split("|")[0]: v for k, v in samples.items() if k.endswith(f"|{b}|{n}")}
+        lo = max(1.0, min(min(v) for v in sel.values()))
+        hi = max(max(v) for v in sel.values())
+        bins = np.geomspace(lo, hi * 1.01, 50)
+        for name, v in sorted(sel.items()):
+            ax.hist(v, bins=bins, histtype="step", label=f"{name} p50 {np.median(v):.0f}us")
+        ax.set_xscale("log")
+        ax.set_title(f"B={b} N={n}", fontsize=9)
+        ax.set_xlabel("decision latency (us)", fontsize=8)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(shapes) :]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(result: dict[str, Any], *, header: bool = True, learner: bool = True) -> None:
+    err = sys.stderr
+    m = result["machine"]
+    if header:
+        print(
+            f"# {m.get('gpu') or m['cpu']} | torch {m['torch']} | threads {m['threads']} | "
+            f"{result['weights'].get('note', result['weights']['source'])}",
+            file=err,
+        )
+    hdr = f"{'engine':<11}{'B':>4}{'N':>5}{'p50 us':>10}{'p99 us':>10}{'eager p50':>11}{'eager p99':>11}{'x p50':>7}{'x p99':>7}"
+    if header and result.get("decision"):
+        print(hdr, file=err)
+        for r in result["decision"]:
+            if "error" in r:
+                print(
+                    f"{r.get('engine', r['requested']):<11}{r['batch']:>4}{r['samples']:>5}  "
+                    f"error: {r['error'][:90]}",
+                    file=err,
+                )
+                continue
+            print(
+                f"{r['engine']:<11}{r['batch']:>4}{r['samples']:>5}{r['p50_us']:>10.0f}{r['p99_us']:>10.0f}"
+                f"{r['eager_p50_us']:>11.0f}{r['eager_p99_us']:>11.0f}{r['speedup_p50']:>7.2f}"
+                f"{r['speedup_p99']:>7.2f}",
+                file=err,
+            )
+    for r in result.get("learner", []) if learner else []:
+        if "error" in r:
+            print(f"learner {r['requested']}: error: {r['error'][:100]}", file=err)
+        else:
+            tag = r["backend"] + (":tf32" if r.get("matmul_precision") == "high" else "")
+            print(
+                f"learner {tag:<23} batch {r['batch']}: {r['us_per_iter']:.0f} us/iter "
+                f"({r['iters_per_s']:.0f}/s) vs eager {r['eager_us_per_iter']:.0f} us/iter "
+                f"-> x{r['speedup']:.2f}",
+                file=err,
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("idql-bench: --device cuda asked for, but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    agent, weights = _agent(args)
+    result: dict[str, Any] = {
+        "machine": machine_info(args.device),
+        "device": args.device,
+        "weights": weights,
+        "steps": agent.schedule.steps,
+        "protocol": "per engine and shape: decide(obs) wall time incl. "
+        "host<->device copies, engine and eager timed in "
+        "alternating blocks in the same process",
+    }
+    samples: dict[str, list[float]] = {}
+
+    def save() -> str:  # after each part, so a run cut short still leaves its numbers
+        text = json.dumps(result, indent=1)
+        (out / "bench.json").write_text(text)
+        return text
+
+    if not args.no_decisions:
+        result["decision"], samples = bench_decisions(agent, args)
+        if samples:
+            png = out / "latency_hist.png"
+            plot_histograms(
+                samples,
+                png,
+                f"{result['machine'].get('gpu') or result['machine']['cpu']}"
+                f" | torch {torch.__version__}",
+            )
+            result["histogram_png"] = str(png)
+        save()
+    print_table(result, learner=False)
+    if args.learner:
+        result["learner"] = bench_learner(args)
+        print_table(result, header=False)
+    print(save())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Decision engines: one interface, several backends (eager, cpu, cuda_graph, compiled, tensorrt).
+
+    engine = build_engine(agent, kind="auto", batch=1, samples=64, device="cpu")
+    action = engine.decide(obs)             # (B, obs_dim) float32 -> (B, act_dim) float32
+    engine.load_weights(agent.inference_state())   # swap weights between decisions
+
+``kind="auto"`` picks the fastest engine available on the device (``AUTO_ORDER``), logs
+which, and ``engine.name`` says it. Only the modules in this package know CUDA graphs or
+TensorRT.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from idql_runtime.engines.base import Engine, EngineUnavailable, parse_dtype, spec_of
+
+log = logging.getLogger("idql_runtime.engines")
+
+KINDS = ("eager", "cpu", "cuda_graph", "compiled", "tensorrt")
+
+# Fastest first among engines that build in about a second (docs/engines.md has the
+# numbers): "compiled" is faster still on the GPU (bf16: ~370 vs ~640 us at N=128 on an
+# H200) but costs minutes of autotuning per shape, and "tensorrt" was never measured here,
+# so neither outranks cuda_graph; ask for them by name.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu", "eager"),
+    "cuda": ("cuda_graph", "tensorrt", "eager"),
+}
+
+__all__ = ["Engine", "EngineUnavailable", "KINDS", "available_engines", "build_engine"]
+
+
+def _cuda_ok() -> bool:
+    return torch.cuda.is_available()
+
+
+def _tensorrt_ok() -> bool:
+    from idql_runtime.engines.tensorrt import tensorrt_status
+
+    return _cuda_ok() and tensorrt_status() is None
+
+
+def available_engines(device: str | torch.device = "cpu") -> list[str]:
+    """Engine kinds that can be built on ``device`` in this process."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return ["eager", "cpu", "compiled"]
+    if dev.type == "cuda":
+        if not _cuda_ok():
+            return []
+        out = ["eager", "cuda_graph", "compiled"]
+        return out + (["tensorrt"] if _tensorrt_ok() else [])
+    return ["eager"]
+
+
+def _factory(kind: str) -> Callable[..., Engine]:
+    if kind == "eager":
+        from idql_runtime.engines.eager import EagerEngine
+
+        return EagerEngine
+    if kind == "cpu":
+        from idql_runtime.engines.cpu import CpuEngine
+
+        return CpuEngine
+    if kind == "cuda_graph":
+        from idql_runtime.engines.cuda_graph import CudaGraphEngine
+
+        return CudaGraphEngine
+    if kind == "compiled":
+        from idql_runtime.engines.compiled import CompiledEngine
+
+        return CompiledEngine
+    if kind == "tensorrt":
+        from idql_runtime.engines.tensorrt import TensorRTEngine
+
+        return TensorRTEngine
+    raise ValueError(f"unknown engine kind {kind!r}; choose from {('auto', *KINDS)}")
+
+
+def resolve_kind(kind: str, device: str | torch.device) -> str:
+    """The concrete kind ``build_engine`` would build for ``kind`` on ``device``."""
+    dev = torch.device(device)
+    if kind != "auto":
+        return kind
+    have = available_engines(dev)
+    for k in AUTO_ORDER.get(dev.type, ("eager",)):
+        if k in have:
+            return k
+    raise EngineUnavailable(f"no engine can run on {dev} here")
+
+
+def build_engine(
+    agent: Any,
+    *,
+    kind: str = "auto",
+    batch: int = 1,
+    samples: int = 64,
+    mode: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    seed: int = 0,
+    cache_dir: str | None = None,
+    **options: Any,
+) -> Engine:
+    """Build a decision engine over the agent's EMA score network, target Q and V.
+
+    batch B and samples N are static for the engine; the step count T is the agent's.
+    ``options`` go to the engine class (e.g. ``threads`` for cpu, ``compile_mode`` for
+    compiled). Raises EngineUnavailable, naming what is missing, when the kind cannot run
+    here (no CUDA GPU, no TensorRT).
+    """
+    dev = torch.device(device)
+    parse_dtype(dtype)
+    if dev.type == "cuda" and not _cuda_ok() and kind != "tensorrt":
+        raise EngineUnavailable(f"device {device!r} asked for, but torch sees no CUDA GPU here")
+    chosen = resolve_kind(kind, dev)
+    if kind == "auto":
+        log.info(
+            "engine auto on %s: picked %r (available: %s)",
+            dev,
+            chosen,
+            ", ".join(available_engines(dev)),
+        )
+    spec = spec_of(agent, batch, samples, mode)
+    if chosen == "tensorrt" or chosen == "compiled":
+        options.setdefault("cache_dir", cache_dir)
+    return _factory(chosen)(agent, spec, device=dev, dtype=dtype, seed=seed, **options)

@@ -1,0 +1,263 @@
+"""The engine interface every decision backend implements, and what they share.
+
+An engine owns private copies of the three networks a decision needs (the EMA score
+network, target Q and V), built from an ``Agent`` for one static shape (B, N, T) and one
+mode. ``decide`` draws its own noise from a private generator; ``decide_with_noise``
+takes the noise as tensors so that every engine can be checked against the float64
+reference (``reference_decide``) on the same random numbers. ``load_weights`` swaps the
+weights in place (``param.copy_``), so compiled code and captured CUDA graphs stay valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from idql_runtime.decision import (
+    Decision,
+    DecisionNoise,
+    DecisionOutput,
+    DecisionSpec,
+    reference_decide,
+)
+from idql_runtime.diffusion import Schedule
+
+log = logging.getLogger("idql_runtime.engines")
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+# The groups of ``Agent.inference_state`` an engine consumes, and the Decision attribute
+# each maps onto. ``gaussian.*`` (baseline policies) is accepted and ignored.
+WEIGHT_GROUPS: dict[str, str] = {"score_ema": "score", "q_target": "q", "v": "v"}
+
+
+class EngineUnavailable(RuntimeError):
+    """An engine cannot be built here (no GPU, TensorRT missing, ...); the message says why."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def private_decision(agent: Any, mode: str | None, device: torch.device) -> Decision:
+    """A Decision over deep copies of the agent's EMA score network, target Q and V."""
+    decision = copy.deepcopy(agent.decision(mode))
+    decision.requires_grad_(False)
+    return decision.to(device).eval()
+
+
+class TimeShareCache:
+    """Serve ``Decision.time_shares`` from a (T, H) float32 buffer computed once per weight
+    load, so a captured or compiled decision runs no time-embedding kernels.
+
+    ``refresh()`` recomputes the buffer in place after the weights changed (graphs that
+    read it stay valid). The decision's output is unchanged up to float32 rounding.
+    """
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+        p = next(decision.score.parameters())
+        with torch.no_grad():
+            self.buffer = Decision.time_shares(decision, torch.float32, p.device).clone()
+        decision.time_shares = self._lookup  # type: ignore[method-assign]
+
+    def _lookup(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return self.buffer
+
+    def refresh(self) -> None:
+        with torch.no_grad():
+            self.buffer.copy_(
+                Decision.time_shares(self.decision, torch.float32, self.buffer.device)
+            )
+
+
+def decision_state(decision: Decision) -> dict[str, Tensor]:
+    """The decision's tensors under ``Agent.inference_state`` names."""
+    out: dict[str, Tensor] = {}
+    for group, attr in WEIGHT_GROUPS.items():
+        for k, v in getattr(decision, attr).state_dict().items():
+            out[f"{group}.{k}"] = v
+    return out
+
+
+@torch.no_grad()
+def copy_weights_into(decision: Decision, tensors: dict[str, Tensor]) -> None:
+    """Copy ``inference_state``-named tensors into the decision's parameters in place.
+
+    Every score_ema/q_target/v tensor of the decision must be present; unknown names,
+    wrong shapes and non-finite values raise ValueError naming the tensor. Nothing is
+    written unless everything checks out.
+    """
+    own = decision_state(decision)
+    given = {k: v for k, v in tensors.items() if not k.startswith("gaussian.")}
+    unexpected = sorted(set(given) - set(own))
+    if unexpected:
+        raise ValueError(f"unexpected tensor(s) for a decision engine: {unexpected[:5]}")
+    missing = sorted(set(own) - set(given))
+    if missing:
+        raise ValueError(f"weights are missing tensor(s): {missing[:5]}")
+    for k, v in given.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(
+                f"tensor {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
+            )
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"tensor {k} has non-finite values")
+    for k, v in given.items():
+        own[k].copy_(v.to(own[k].device, own[k].dtype))
+
+
+def weights_digest(decision: Decision) -> str:
+    """sha256 over the decision's tensors (names, shapes, float32 bytes), e.g. for caches."""
+    h = hashlib.sha256()
+    for k, v in sorted(decision_state(decision).items()):
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def spec_of(agent: Any, batch: int, samples: int, mode: str | None) -> DecisionSpec:
+    if batch <= 0 or samples <= 0:
+        raise ValueError(
+            f"batch and samples must be positive, got batch={batch}, samples={samples}"
+        )
+    return DecisionSpec(
+        batch=batch,
+        samples=samples,
+        steps=agent.schedule.steps,
+        act_dim=agent.act_dim,
+        obs_dim=agent.obs_dim,
+        mode=mode or agent.cfg.policy.mode,
+    )
+
+
+class Engine:
+    """A built decision for static (B, N, T), mode and dtype.
+
+    Outputs of ``decide_full`` and ``decide_with_noise`` are fresh CPU tensors: action,
+    chosen_q, value, adv_spread float32, index int64 (B,); they never alias buffers an
+    engine reuses.
+    """
+
+    name: str = "base"
+
+    def __init__(
+        self,
+        agent: Any,
+        spec: DecisionSpec,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        seed: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = parse_dtype(dtype)
+        self.schedule: Schedule = agent.schedule
+        self.decision = private_decision(agent, spec.mode, self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ public API
+    def decide(self, obs: np.ndarray | Tensor) -> np.ndarray:
+        """obs (B, obs_dim) float32 -> actions (B, act_dim) float32 numpy (own noise)."""
+        return self.decide_full(obs).action.numpy()
+
+    def decide_full(self, obs: np.ndarray | Tensor) -> DecisionOutput:
+        """Like ``decide`` with the diagnostics: chosen Q, V, advantage spread, index."""
+        return self._run(self._check_obs(obs), None)
+
+    def decide_with_noise(self, obs: np.ndarray | Tensor, noise: DecisionNoise) -> DecisionOutput:
+        """The decision on given noise (shapes of ``DecisionNoise.draw(spec)``), for parity."""
+        s = self.spec
+        want = {
+            "x_init": (s.batch, s.samples, s.act_dim),
+            "step_noise": (s.steps, s.batch, s.samples, s.act_dim),
+            "u": (s.batch,),
+        }
+        for name, shape in want.items():
+            got = tuple(getattr(noise, name).shape)
+            if got != shape:
+                raise ValueError(f"noise.{name} has shape {got}, this engine needs {shape}")
+        return self._run(self._check_obs(obs), noise)
+
+    def load_weights(self, tensors: dict[str, Tensor]) -> None:
+        """Swap in new ``Agent.inference_state`` tensors between decisions."""
+        copy_weights_into(self.decision, tensors)
+        self._weights_changed()
+
+    def reference(self, obs: Tensor, noise: DecisionNoise) -> DecisionOutput:
+        """The float64 naive reference on a float64 CPU copy of this engine's weights."""
+        d64 = copy.deepcopy(self.decision).to("cpu", torch.float64)
+        return reference_decide(
+            d64,
+            torch.as_tensor(obs).to(torch.float64),
+            DecisionNoise(*(t.to("cpu", torch.float64) for t in noise)),
+            self.schedule,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly summary: name, shape, dtype, device and engine-specific notes."""
+        s = self.spec
+        return {
+            "engine": self.name,
+            "batch": s.batch,
+            "samples": s.samples,
+            "steps": s.steps,
+            "mode": s.mode,
+            "dtype": dtype_name(self.dtype),
+            "device": str(self.device),
+            **self.info,
+        }
+
+    # ------------------------------------------------------------------ for subclasses
+    def _run(self, obs: Tensor, noise: DecisionNoise | None) -> DecisionOutput:
+        """obs: (B, obs_dim) float32 CPU tensor; noise None = draw from ``self.generator``."""
+        raise NotImplementedError
+
+    def _weights_changed(self) -> None:
+        """Called after ``load_weights`` copied new values into ``self.decision``."""
+
+    def _draw_noise(self) -> DecisionNoise:
+        return DecisionNoise.draw(self.spec, generator=self.generator, device=self.device)
+
+    def _check_obs(self, obs: np.ndarray | Tensor) -> Tensor:
+        t = torch.as_tensor(obs)
+        if t.device.type != "cpu":
+            t = t.cpu()
+        want = (self.spec.batch, self.spec.obs_dim)
+        if tuple(t.shape) != want:
+            raise ValueError(f"obs has shape {tuple(t.shape)}, this engine was built for {want}")
+        return t.to(torch.float32)
+
+
+def to_output(out: DecisionOutput) -> DecisionOutput:
+    """Fresh CPU copies (float32 values, int64 index) of an engine's raw output."""
+    f = torch.float32
+    return DecisionOutput(
+        out.action.to("cpu", f, copy=True),
+        out.chosen_q.to("cpu", f, copy=True),
+        out.value.to("cpu", f, copy=True),
+        out.adv_spread.to("cpu", f, copy=True),
+        out.index.to("cpu", torch.int64, copy=True),
+    )

@@ -1,0 +1,427 @@
+"""A fast offline learner iteration: actor -> V -> Q (+ EMAs) as one replayable step.
+
+``Agent.update`` is the reference: three torch.optim optimisers, an LR scheduler, a
+Python float per metric (a device sync each). ``LearnerStep`` computes the same iteration
+(same losses from diffusion.py / critic.py, same Adam/AdamW arithmetic, the same random
+numbers drawn from the same generator in the same order) with
+
+- the optimiser updates written with ``torch._foreach_*`` ops and the step counts, the
+  actor's cosine learning rate and the metrics kept as device tensors (no host syncs);
+- backend "cuda_graph": the whole iteration (forward, ``autograd.grad``, three optimiser
+  updates, two EMAs) captured once in a CUDA graph and replayed on static batch buffers;
+- backend "compile": the three losses and the optimiser update ``torch.compile``d
+  (works on the CPU too, for the offline trainer); "compile_cuda_graph" captures those
+  compiled pieces in one CUDA graph;
+- backend "eager": the same functional iteration, uncompiled (the parity bridge).
+
+The diffusion loss's t and eps are drawn before the compiled/captured part, into static
+buffers, from ``generator`` exactly as ``ddpm_loss`` draws them; dropout inside the
+score network draws from torch's default generator (in-graph philox on the GPU), so runs
+with dropout > 0 match ``Agent.update`` in distribution, not bit for bit.
+``sync_to_agent`` writes the optimiser moments, step counts and scheduler position back
+into the agent's optimisers, so checkpoints and ``Agent.update`` can carry on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from idql_runtime.critic import q_loss, value_loss
+
+METRICS = ("actor_loss", "actor_lr", "v_loss", "v_mean", "q_loss", "q_mean")
+BACKENDS = ("eager", "compile", "cuda_graph", "compile_cuda_graph")
+_BATCH_KEYS = ("obs", "action", "reward", "next_obs", "terminated")
+
+
+# ---------------------------------------------------------------- losses (pure functions)
+def actor_loss(
+    score: nn.Module, alpha_bars: Tensor, obs: Tensor, action: Tensor, t: Tensor, eps: Tensor
+) -> Tensor:
+    """diffusion.ddpm_loss with t (B,) and eps (B, A) given: batch mean of |eps_hat - eps|^2."""
+    abar = alpha_bars[t].unsqueeze(-1)
+    x_t = torch.sqrt(abar) * action + torch.sqrt(1.0 - abar) * eps
+    pred = score(obs, x_t, t.to(action.dtype).unsqueeze(-1))
+    return ((pred - eps) ** 2).sum(-1).mean()
+
+
+def critic_v_loss(
+    q_target: nn.Module,
+    v: nn.Module,
+    obs: Tensor,
+    action: Tensor,
+    kind: str,
+    tau: float,
+    alpha: float,
+    exp_clip: float | None,
+) -> tuple[Tensor, Tensor]:
+    """Agent.value_step's loss and its v_mean metric."""
+    q = q_target(obs, action).amin(0).detach()
+    u = q - v(obs)
+    return value_loss(u, kind, tau, alpha, exp_clip), (q.mean() - u.detach().mean())
+
+
+def critic_q_loss(
+    q: nn.Module,
+    v: nn.Module,
+    obs: Tensor,
+    action: Tensor,
+    reward: Tensor,
+    next_obs: Tensor,
+    terminated: Tensor,
+    discount: float,
+) -> tuple[Tensor, Tensor]:
+    """Agent.q_step's loss (target from the just-updated V) and its q_mean metric."""
+    mask = 1.0 - terminated.to(reward.dtype)
+    target = (reward + discount * mask * v(next_obs)).detach()
+    pred = q(obs, action)
+    return q_loss(pred, target), pred.detach().mean()
+
+
+def adam_update(
+    params: list[Tensor],
+    grads: Sequence[Tensor],
+    exp_avg: list[Tensor],
+    exp_avg_sq: list[Tensor],
+    step: Tensor,
+    lr: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """torch.optim.Adam (weight_decay=0) / AdamW (decoupled decay) with tensor step and lr."""
+    grads = list(grads)
+    step.add_(1.0)
+    if weight_decay:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avg, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sq, beta2)
+    torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta2)
+    bias1 = 1.0 - torch.pow(beta1, step)
+    inv_bias2_sqrt = torch.rsqrt(1.0 - torch.pow(beta2, step))
+    denom = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_mul_(denom, inv_bias2_sqrt)
+    torch._foreach_add_(denom, eps)
+    upd = torch._foreach_div(exp_avg, denom)
+    torch._foreach_mul_(upd, -lr / bias1)
+    torch._foreach_add_(params, upd)
+
+
+def ema_lerp(target: list[Tensor], online: list[Tensor], rate: float) -> None:
+    """agent.ema_update as one foreach op: target <- target + rate * (online - target)."""
+    torch._foreach_lerp_(target, online, rate)
+
+
+class _Opt:
+    """Moments, step count and hyperparameters of one Adam/AdamW, as device tensors."""
+
+    def __init__(self, opt: torch.optim.Optimizer, params: list[Tensor]) -> None:
+        group = opt.param_groups[0]
+        self.opt, self.params = opt, params
+        self.beta1, self.beta2 = (float(b) for b in group["betas"])
+        self.eps, self.weight_decay = float(group["eps"]), float(group["weight_decay"])
+        if not isinstance(opt, torch.optim.AdamW):
+            self.weight_decay = 0.0  # the agent's V/Q Adam has no (coupled) decay
+        dev = params[0].device
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.step = torch.zeros((), device=dev)
+        for i, p in enumerate(params):
+            st = opt.state.get(p)
+            if st:
+                self.exp_avg[i].copy_(st["exp_avg"])
+                self.exp_avg_sq[i].copy_(st["exp_avg_sq"])
+                self.step.fill_(float(st["step"]))
+
+    def write_back(self) -> None:
+        step = float(self.step)
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+            self.opt.state[p] = {
+                "step": torch.tensor(step),
+                "exp_avg": m.detach().clone(),
+                "exp_avg_sq": v.detach().clone(),
+            }
+
+
+class LearnerStep:
+    """One offline IDQL iteration on a static batch size, fast (see module docstring).
+
+    ``step(batch)`` returns the metrics as a (6,) device tensor (``METRICS`` order, no sync);
+    ``update(batch)`` returns them as floats like ``Agent.update``. The agent's parameters
+    are updated in place; call ``sync_to_agent`` before checkpointing or mixing with
+    ``Agent.update``.
+    """
+
+    def __init__(
+        self,
+        agent: Any,
+        batch_size: int,
+        *,
+        backend: str = "auto",
+        seed: int = 0,
+        compile_mode: str | None = None,
+        matmul_precision: str = "highest",
+    ) -> None:
+        cfg = agent.cfg
+        if matmul_precision not in ("highest", "high"):
+            raise ValueError(
+                f"matmul_precision must be 'highest' (float32) or 'high' (TF32), "
+                f"got {matmul_precision!r}"
+            )
+        self.matmul_precision = matmul_precision
+        if cfg.train.algo != "idql":
+            raise ValueError(
+                f"LearnerStep runs the IDQL iteration, not train.algo={cfg.train.algo!r}"
+            )
+        if cfg.train.v1_double_actor_step:
+            raise ValueError(
+                "train.v1_double_actor_step is not supported by LearnerStep; use Agent.update"
+            )
+        self.agent, self.batch_size = agent, batch_size
+        self.device = next(agent.parameters()).device
+        if backend == "auto":
+            backend = "cuda_graph" if self.device.type == "cuda" else "compile"
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
+        if "cuda_graph" in backend and self.device.type != "cuda":
+            raise ValueError(
+                f"backend {backend!r} needs the agent on a CUDA device, not {self.device}"
+            )
+        self.backend = backend
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+        self._p_actor = list(agent.score.parameters())
+        self._p_ema = list(agent.score_ema.parameters())
+        self._p_v = list(agent.v.parameters())
+        self._p_q = list(agent.q.parameters())
+        self._p_qt = list(agent.q_target.parameters())
+        self._actor = _Opt(agent.actor_opt, self._p_actor)
+        self._vopt = _Opt(agent.v_opt, self._p_v)
+        self._qopt = _Opt(agent.q_opt, self._p_q)
+        t = cfg.train
+        self._base_lr = float(agent.actor_sched.base_lrs[0])
+        self._critic_lr = float(t.critic_lr)
+        self._decay = float(max(t.lr_decay_steps, 1))
+        self._k = torch.full((), float(agent.actor_sched.last_epoch), device=self.device)
+        self._critic_lr_t = torch.full((), self._critic_lr, device=self.device)
+        self._alpha_bars = agent.schedule.alpha_bars.to(self.device, torch.float32)
+        self._rows = t.critic_batch_rows
+
+        compiled = "compile" in backend
+        wrap: Callable[[Any], Any] = (
+            (lambda f: torch.compile(f, mode=compile_mode, dynamic=False))
+            if compiled
+            else (lambda f: f)
+        )
+        self._actor_loss = wrap(actor_loss)
+        self._v_loss = wrap(critic_v_loss)
+        self._q_loss = wrap(critic_q_loss)
+        self._adam = wrap(adam_update)
+        self._ema = wrap(ema_lerp)
+
+        b, a, o = batch_size, agent.act_dim, agent.obs_dim
+        dev = self.device
+        self._t = torch.zeros(b, dtype=torch.int64, device=dev)
+        self._eps = torch.zeros(b, a, device=dev)
+        self._static: dict[str, Tensor] | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_out: Tensor | None = None
+        self._shapes = {
+            "obs": (b, o),
+            "action": (b, a),
+            "reward": (b,),
+            "next_obs": (b, o),
+            "terminated": (b,),
+        }
+
+    # ------------------------------------------------------------------ the iteration
+    def _lr_at(self, k: Tensor) -> Tensor:
+        """optax cosine decay (Agent's LambdaLR): base * 0.5 (1 + cos(pi min(k, D) / D))."""
+        return (
+            self._base_lr
+            * 0.5
+            * (1.0 + torch.cos(math.pi * torch.clamp(k, max=self._decay) / self._decay))
+        )
+
+    def _iteration(self, batch: dict[str, Tensor]) -> Tensor:
+        ag, c = self.agent, self.agent.cfg
+        obs, action = batch["obs"], batch["action"]
+        ag.score.train()
+        loss_a = self._actor_loss(ag.score, self._alpha_bars, obs, action, self._t, self._eps)
+        grads = torch.autograd.grad(loss_a, self._p_actor)
+        lr = self._lr_at(self._k)
+        o = self._actor
+        with torch.no_grad():
+            self._adam(
+                self._p_actor,
+                grads,
+                o.exp_avg,
+                o.exp_avg_sq,
+                o.step,
+                lr,
+                o.beta1,
+                o.beta2,
+                o.eps,
+                o.weight_decay,
+            )
+            self._k.add_(1.0)
+            self._ema(self._p_ema, self._p_actor, c.train.actor_ema)
+
+        if self._rows is not None:
+            batch = {k: v[: self._rows] for k, v in batch.items()}
+        cc = c.critic
+        loss_v, v_mean = self._v_loss(
+            ag.q_target,
+            ag.v,
+            batch["obs"],
+            batch["action"],
+            cc.value_loss,
+            cc.tau,
+            cc.alpha,
+            cc.exp_clip,
+        )
+        grads = torch.autograd.grad(loss_v, self._p_v)
+        o = self._vopt
+        with torch.no_grad():
+            self._adam(
+                self._p_v,
+                grads,
+                o.exp_avg,
+                o.exp_avg_sq,
+                o.step,
+                self._critic_lr_t,
+                o.beta1,
+                o.beta2,
+                o.eps,
+                0.0,
+            )
+        loss_q, q_mean = self._q_loss(
+            ag.q,
+            ag.v,
+            batch["obs"],
+            batch["action"],
+            batch["reward"],
+            batch["next_obs"],
+            batch["terminated"],
+            cc.discount,
+        )
+        grads = torch.autograd.grad(loss_q, self._p_q)
+        o = self._qopt
+        with torch.no_grad():
+            self._adam(
+                self._p_q,
+                grads,
+                o.exp_avg,
+                o.exp_avg_sq,
+                o.step,
+                self._critic_lr_t,
+                o.beta1,
+                o.beta2,
+                o.eps,
+                0.0,
+            )
+            self._ema(self._p_qt, self._p_q, cc.target_ema)
+            return torch.stack(
+                [
+                    loss_a.detach(),
+                    self._lr_at(self._k),
+                    loss_v.detach(),
+                    v_mean,
+                    loss_q.detach(),
+                    q_mean,
+                ]
+            ).to(torch.float32)
+
+    def _draw(self) -> None:
+        """t and eps exactly as diffusion.ddpm_loss draws them (same generator, same order),
+        written straight into the static buffers."""
+        b = self.batch_size
+        torch.randint(0, self.agent.schedule.steps, (b,), generator=self.generator, out=self._t)
+        torch.randn(self._eps.shape, generator=self.generator, out=self._eps)
+
+    # ------------------------------------------------------------------ public
+    def step(self, batch: dict[str, Tensor]) -> Tensor:
+        """One iteration on ``batch`` (tensors on the agent's device); metrics (6,) on device."""
+        for k, shape in self._shapes.items():
+            if tuple(batch[k].shape) != shape:
+                raise ValueError(
+                    f"batch[{k!r}] has shape {tuple(batch[k].shape)}, expected {shape}"
+                )
+        self._draw()
+        if "cuda_graph" not in self.backend:
+            with self._precision():
+                return self._iteration(batch)
+        if self._graph is None:
+            with self._precision():
+                self._capture(batch)
+        assert self._static is not None and self._graph is not None and self._graph_out is not None
+        for k in _BATCH_KEYS:
+            self._static[k].copy_(batch[k], non_blocking=True)
+        self._graph.replay()
+        return self._graph_out
+
+    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """``step`` plus one sync: the metrics as floats (Agent.update's names)."""
+        return dict(zip(METRICS, self.step(batch).tolist(), strict=True))
+
+    def sync_to_agent(self) -> None:
+        """Write moments, step counts and the LR scheduler position back into the agent."""
+        for o in (self._actor, self._vopt, self._qopt):
+            o.write_back()
+        k = int(round(float(self._k)))
+        sched = self.agent.actor_sched
+        sched.last_epoch = k
+        lr = float(self._lr_at(torch.tensor(float(k))))
+        for g in self.agent.actor_opt.param_groups:
+            g["lr"] = lr
+        sched._last_lr = [lr]
+
+    @contextlib.contextmanager
+    def _precision(self) -> Iterator[None]:
+        """float32 matmuls as asked, restoring the process setting afterwards. A captured
+        graph keeps the (cuBLAS / Triton) kernels chosen under it."""
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.matmul_precision)
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(old)
+
+    def _capture(self, batch: dict[str, Tensor]) -> None:
+        """Warm up on a side stream on a copy of the state, then capture one iteration."""
+        self._static = {k: batch[k].detach().clone() for k in _BATCH_KEYS}
+        saved = self._snapshot()
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # autograd / cuBLAS / compile warm-up, undone below
+                self._iteration(self._static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._restore(saved)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = self._iteration(self._static)
+        torch.cuda.synchronize(self.device)
+        self._graph, self._graph_out = graph, out
+
+    def _state_tensors(self) -> list[Tensor]:
+        out = self._p_actor + self._p_ema + self._p_v + self._p_q + self._p_qt + [self._k]
+        for o in (self._actor, self._vopt, self._qopt):
+            out += o.exp_avg + o.exp_avg_sq + [o.step]
+        return out
+
+    def _snapshot(self) -> list[Tensor]:
+        with torch.no_grad():
+            return [t.detach().clone() for t in self._state_tensors()]
+
+    def _restore(self, saved: list[Tensor]) -> None:
+        with torch.no_grad():
+            for dst, src in zip(self._state_tensors(), saved, strict=True):
+                dst.copy_(src)

@@ -1,0 +1,432 @@
+"""Decision engines against the float64 naive reference on the same noise.
+
+Tolerances (max abs error of the chosen action, actions live in [-1, 1]):
+- float32 engines: 1e-4. The float32 hoisted decision differs from float64 by rounding
+  only (~1e-6 here); 1e-4 leaves room for other BLAS/oneDNN blockings.
+- bfloat16 (block products in bf16, float32 accumulation and residual stream): 0.15 on
+  the action, 0.05 relative on the chosen Q. bf16 keeps 8 mantissa bits (rel. 4e-3 per
+  product); five reverse steps with an exploding random-weight score net amplify it.
+A candidate index may differ from the reference's only where the reference's two best
+Q values are within the dtype's Q tolerance of each other (a near-tie), asserted below.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from idql_runtime import diffusion
+from idql_runtime.agent import Agent
+from idql_runtime.config import Config
+from idql_runtime.decision import DecisionNoise, DecisionOutput
+from idql_runtime.engines import available_engines, build_engine, resolve_kind
+from idql_runtime.engines.base import Engine, EngineUnavailable
+
+TOL = {"float32": (1e-4, 1e-4), "bfloat16": (0.15, 0.05), "float16": (0.1, 0.03)}
+"""dtype -> (max abs action error, relative chosen-Q error), see module docstring."""
+
+
+def _agent(seed: int = 0, tiny: bool = False, obs_dim: int = 17, act_dim: int = 6) -> Agent:
+    torch.manual_seed(seed)
+    c = Config()
+    if tiny:  # for tests that compile: keeps inductor's work small on 2 cores
+        c.network.hidden_dim, c.network.num_blocks, c.network.time_dim = 32, 1, 8
+        c.network.cond_hidden, c.critic.hidden = [16, 16], [32, 32]
+    return Agent(c, obs_dim, act_dim)
+
+
+def _noise(engine: Engine, seed: int = 1) -> DecisionNoise:
+    return DecisionNoise.draw(engine.spec, generator=torch.Generator().manual_seed(seed))
+
+
+class Reference:
+    """The float64 naive reference of an engine on given noise, with the full (B, N) Q."""
+
+    def __init__(self, engine: Engine, obs: torch.Tensor, noise: DecisionNoise) -> None:
+        self.out = engine.reference(obs, noise)
+        d64 = copy.deepcopy(engine.decision).to("cpu", torch.float64)
+        b, n, a = noise.x_init.shape
+        obs64 = obs.double().repeat_interleave(n, dim=0)
+        with torch.no_grad():
+            x = diffusion.sample(
+                d64.score,
+                obs64,
+                noise.x_init.double().reshape(b * n, a),
+                noise.step_noise.double().reshape(-1, b * n, a),
+                engine.schedule,
+                temperature=d64.temperature,
+                clip=d64.clip,
+                extra_final_steps=d64.extra_final_steps,
+            )
+            self.q = d64.q(obs64, x).amin(0).reshape(b, n)
+        torch.testing.assert_close(
+            self.q.gather(1, self.out.index.view(b, 1)).squeeze(1), self.out.chosen_q
+        )
+
+
+def assert_matches_reference(out: DecisionOutput, ref: Reference, dtype: str) -> None:
+    """Action and chosen Q within the dtype's tolerance; same candidate unless a near-tie."""
+    act_tol, q_rel = TOL[dtype]
+    r = ref.out
+    assert out.action.shape == r.action.shape
+    for b in range(r.index.shape[0]):
+        q_tol = q_rel * max(1.0, abs(float(r.chosen_q[b])))
+        picked, best = int(out.index[b]), int(r.index[b])
+        if picked != best:
+            # Allowed only where the reference's Q of the engine's pick ties with its best.
+            gap = float(ref.q[b, best] - ref.q[b, picked])
+            assert 0.0 <= gap <= q_tol, (
+                f"row {b}: engine picked {picked}, reference {best}; Q gap {gap:.3g} > {q_tol:.3g}"
+            )
+            continue
+        err = (out.action[b].double() - r.action[b]).abs().max().item()
+        assert err <= act_tol, f"row {b}: action error {err:.3g} > {act_tol} ({dtype})"
+        q_err = abs(float(out.chosen_q[b]) - float(r.chosen_q[b]))
+        assert q_err <= q_tol, f"row {b}: chosen-Q error {q_err:.3g} > {q_tol:.3g} ({dtype})"
+    torch.testing.assert_close(out.value.double(), r.value, atol=q_rel, rtol=q_rel)
+    assert out.action.abs().max() <= 1.0
+
+
+def reference(engine: Engine, obs: torch.Tensor, noise: DecisionNoise) -> Reference:
+    return Reference(engine, torch.as_tensor(obs), noise)
+
+
+@pytest.mark.parametrize("mode", ["argmax", "implicit"])
+@pytest.mark.parametrize(
+    "kind,dtype", [("eager", "float32"), ("cpu", "float32"), ("cpu", "bfloat16")]
+)
+def test_cpu_engines_match_float64_reference(kind: str, dtype: str, mode: str) -> None:
+    agent = _agent()
+    for batch, samples in ((1, 64), (3, 16)):
+        eng = build_engine(agent, kind=kind, batch=batch, samples=samples, mode=mode, dtype=dtype)
+        assert eng.name == kind
+        obs = torch.randn(batch, 17, generator=torch.Generator().manual_seed(7))
+        noise = _noise(eng)
+        assert_matches_reference(
+            eng.decide_with_noise(obs, noise), reference(eng, obs, noise), dtype
+        )
+
+
+def test_decide_returns_numpy_actions_and_draws_fresh_noise() -> None:
+    eng = build_engine(_agent(), kind="cpu", batch=2, samples=16, seed=3)
+    obs = torch.randn(2, 17).numpy()
+    a1, a2 = eng.decide(obs), eng.decide(obs)
+    assert a1.shape == (2, 6) and str(a1.dtype) == "float32"
+    assert not (a1 == a2).all(), "two decisions on the same obs drew the same noise"
+    same_seed = build_engine(_agent(), kind="cpu", batch=2, samples=16, seed=3)
+    assert (same_seed.decide(obs) == a1).all(), "a private generator with the same seed repeats"
+    full = eng.decide_full(obs)
+    assert full.index.dtype == torch.int64 and full.chosen_q.shape == (2,)
+    assert (full.adv_spread >= 0).all()
+    with pytest.raises(ValueError, match="shape"):
+        eng.decide(torch.randn(3, 17).numpy())
+
+
+@pytest.mark.parametrize("kind", ["eager", "cpu"])
+def test_load_weights_matches_fresh_engine_on_new_weights(kind: str) -> None:
+    old, new = _agent(seed=0), _agent(seed=1)
+    eng = build_engine(old, kind=kind, batch=2, samples=32)
+    obs, noise = torch.randn(2, 17), _noise(eng)
+    before = eng.decide_with_noise(obs, noise)
+    eng.load_weights(new.inference_state())
+    after = eng.decide_with_noise(obs, noise)
+    fresh = build_engine(new, kind=kind, batch=2, samples=32).decide_with_noise(obs, noise)
+    assert (before.action - after.action).abs().max() > 1e-3, "weights did not change the decision"
+    torch.testing.assert_close(after.action, fresh.action, atol=1e-6, rtol=0)
+    assert after.index.tolist() == fresh.index.tolist()
+
+
+def test_load_weights_rejects_bad_tensors_and_leaves_weights_alone() -> None:
+    agent = _agent()
+    eng = build_engine(agent, kind="cpu", samples=16)
+    obs, noise = torch.randn(1, 17), _noise(eng)
+    before = eng.decide_with_noise(obs, noise).action
+    state = agent.inference_state()
+    bad = dict(state)
+    bad["v.mlp.0.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="v.mlp.0.weight"):
+        eng.load_weights(bad)
+    missing = {k: v for k, v in state.items() if not k.startswith("q_target.")}
+    with pytest.raises(ValueError, match="missing"):
+        eng.load_weights(missing)
+    nan = dict(state)
+    nan["score_ema.out.bias"] = torch.full_like(state["score_ema.out.bias"], float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        eng.load_weights(nan)
+    torch.testing.assert_close(eng.decide_with_noise(obs, noise).action, before)
+
+
+def test_engine_owns_its_weights() -> None:
+    """Training the agent after building an engine does not change the engine's decisions."""
+    agent = _agent()
+    eng = build_engine(agent, kind="cpu", samples=16)
+    obs, noise = torch.randn(1, 17), _noise(eng)
+    before = eng.decide_with_noise(obs, noise).action
+    with torch.no_grad():
+        for p in agent.score_ema.parameters():
+            p.mul_(2.0)
+    torch.testing.assert_close(eng.decide_with_noise(obs, noise).action, before)
+
+
+def test_time_share_cache_serves_the_same_decision_and_follows_weight_swaps() -> None:
+    """The GPU engines read the T time shares from a buffer refreshed on load_weights."""
+    from idql_runtime.engines.base import TimeShareCache, copy_weights_into, private_decision
+
+    agent, other = _agent(seed=0), _agent(seed=1)
+    plain = private_decision(agent, None, torch.device("cpu"))
+    cached = private_decision(agent, None, torch.device("cpu"))
+    cache = TimeShareCache(cached)
+    eng = build_engine(agent, kind="eager", samples=16)
+    obs, noise = torch.randn(1, 17), _noise(eng)
+    with torch.no_grad():
+        torch.testing.assert_close(cached(obs, *noise).action, plain(obs, *noise).action)
+        copy_weights_into(cached, other.inference_state())
+        copy_weights_into(plain, other.inference_state())
+        stale = cache.buffer.clone()
+        cache.refresh()
+        assert not torch.equal(stale, cache.buffer)
+        torch.testing.assert_close(cached(obs, *noise).action, plain(obs, *noise).action)
+
+
+def test_auto_picks_fastest_available_and_names_it() -> None:
+    assert available_engines("cpu") == ["eager", "cpu", "compiled"]
+    assert resolve_kind("auto", "cpu") == "cpu"
+    eng = build_engine(_agent(), samples=8)
+    assert eng.name == "cpu"
+    assert eng.describe()["engine"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+@pytest.mark.parametrize("kind", ["cuda_graph", "compiled", "eager"])
+def test_gpu_engines_without_gpu_raise_a_clear_error(kind: str) -> None:
+    with pytest.raises(EngineUnavailable, match="no CUDA GPU"):
+        build_engine(_agent(), kind=kind, device="cuda")
+
+
+def test_tensorrt_without_tensorrt_names_what_is_missing() -> None:
+    from idql_runtime.engines.tensorrt import tensorrt_status
+
+    if tensorrt_status() is None and torch.cuda.is_available():
+        pytest.skip("TensorRT and a GPU are present: the engine builds (tested under -m gpu)")
+    with pytest.raises(EngineUnavailable, match="TensorRT engine cannot run here") as info:
+        build_engine(_agent(), kind="tensorrt", device="cuda")
+    msg = str(info.value)
+    assert ("torch_tensorrt" in msg) or ("no CUDA GPU" in msg)
+    with pytest.raises(ValueError, match="CUDA device"):
+        build_engine(_agent(), kind="tensorrt", device="cpu")
+
+
+def test_unknown_engine_and_dtype_are_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown engine kind"):
+        build_engine(_agent(), kind="tpu")
+    with pytest.raises(ValueError, match="dtype"):
+        build_engine(_agent(), kind="cpu", dtype="int8")
+    with pytest.raises(ValueError, match="float16"):
+        build_engine(_agent(), kind="cpu", dtype="float16")
+
+
+# ---------------------------------------------------------------- what TensorRT would get
+@pytest.mark.parametrize("mode", ["argmax", "implicit"])
+def test_decision_exports_strictly_with_only_tensorrt_convertible_ops(mode: str) -> None:
+    """torch.export(strict=True) fails on any graph break; then every core-ATen node must
+    have a torch_tensorrt dynamo converter, shapes must be static, no Python callbacks."""
+    from idql_runtime.engines.base import spec_of
+    from idql_runtime.engines.export import export_decision, graph_report
+
+    agent = _agent()
+    ep = export_decision(agent.decision(mode), spec_of(agent, 1, 64, mode))
+    rep = graph_report(ep)
+    assert rep.ok, rep
+    assert rep.ops["aten.native_layer_norm.default"] == 5 * 3 + 1  # T steps x blocks + V
+    assert "aten.gather.default" in rep.ops  # selection by gather, not a[argmax]
+    # The exported program computes the same decision as eager.
+    from idql_runtime.engines.export import example_inputs
+
+    args = example_inputs(spec_of(agent, 1, 64, mode))
+    got = ep.module()(*args)
+    want = agent.decision(mode)(*args)
+    torch.testing.assert_close(got[0], want.action)
+    assert got[4].tolist() == want.index.tolist()
+
+
+def test_graph_report_flags_unconvertible_ops() -> None:
+    from idql_runtime.engines.export import graph_report
+
+    class Sorts(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.svdvals(x)
+
+    rep = graph_report(torch.export.export(Sorts(), (torch.randn(3, 3),), strict=True))
+    assert not rep.ok and rep.not_convertible
+
+
+def test_onnx_export_matches_eager_in_onnxruntime(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from idql_runtime.engines.base import spec_of
+    from idql_runtime.engines.export import export_onnx, run_onnx
+
+    agent = _agent()
+    for mode in ("argmax", "implicit"):
+        spec = spec_of(agent, 2, 32, mode)
+        path = export_onnx(agent.decision(mode), spec, tmp_path / f"decision-{mode}.onnx")
+        eng = build_engine(agent, kind="eager", batch=2, samples=32, mode=mode)
+        obs, noise = torch.randn(2, 17), _noise(eng, seed=4)
+        got = run_onnx(path, obs, noise)
+        assert_matches_reference(got, reference(eng, obs, noise), "float32")
+        want = eng.decide_with_noise(obs, noise)
+        torch.testing.assert_close(got.action, want.action, atol=1e-5, rtol=0)
+        assert got.index.tolist() == want.index.tolist()
+
+
+# ---------------------------------------------------------------- compiled (CPU inductor)
+def test_compiled_cpu_engine_matches_reference_and_swaps_weights() -> None:
+    """torch.compile on a small network (compile time), weights swapped in place."""
+    old, new = _agent(seed=0, tiny=True), _agent(seed=1, tiny=True)
+    eng = build_engine(old, kind="compiled", batch=2, samples=16)
+    assert eng.name == "compiled"
+    obs, noise = torch.randn(2, 17), _noise(eng)
+    assert_matches_reference(
+        eng.decide_with_noise(obs, noise), reference(eng, obs, noise), "float32"
+    )
+    eng.load_weights(new.inference_state())
+    fresh = build_engine(new, kind="eager", batch=2, samples=16)
+    torch.testing.assert_close(
+        eng.decide_with_noise(obs, noise).action,
+        fresh.decide_with_noise(obs, noise).action,
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+# ---------------------------------------------------------------- GPU engines
+def _gpu_parity(kind: str, dtype: str, mode: str, **opts) -> None:
+    agent = _agent()
+    for batch, samples in ((1, 128), (4, 64)):
+        eng = build_engine(
+            agent,
+            kind=kind,
+            batch=batch,
+            samples=samples,
+            mode=mode,
+            dtype=dtype,
+            device="cuda",
+            **opts,
+        )
+        obs = torch.randn(batch, 17)
+        noise = _noise(eng)
+        assert_matches_reference(
+            eng.decide_with_noise(obs, noise), reference(eng, obs, noise), dtype
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["argmax", "implicit"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_engine_matches_reference(dtype: str, mode: str) -> None:
+    _gpu_parity("cuda_graph", dtype, mode)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_in_graph_rng_draws_fresh_noise_and_decides_on_it() -> None:
+    """decide() replays the graph with philox draws inside it: fresh noise every call, and
+    the action equals the reference on exactly the noise the graph drew."""
+    agent = _agent()
+    eng = build_engine(agent, kind="cuda_graph", batch=2, samples=64, device="cuda")
+    obs = torch.randn(2, 17).numpy()
+    out1 = eng.decide_full(obs)
+    n1 = eng.last_noise()
+    out2 = eng.decide_full(obs)
+    n2 = eng.last_noise()
+    assert not torch.equal(n1.x_init, n2.x_init)
+    assert n1.x_init.std().item() == pytest.approx(1.0, abs=0.15)
+    for out, noise in ((out1, n1), (out2, n2)):
+        assert_matches_reference(out, reference(eng, obs, noise), "float32")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["cuda_graph", "compiled"])
+def test_gpu_load_weights_keeps_graph_valid(kind: str) -> None:
+    old, new = _agent(seed=0, tiny=kind == "compiled"), _agent(seed=1, tiny=kind == "compiled")
+    opts = {"compile_mode": "default"} if kind == "compiled" else {}
+    eng = build_engine(old, kind=kind, batch=2, samples=32, device="cuda", **opts)
+    obs, noise = torch.randn(2, 17), _noise(eng)
+    eng.load_weights(new.inference_state())
+    fresh = build_engine(new, kind="eager", batch=2, samples=32)
+    torch.testing.assert_close(
+        eng.decide_with_noise(obs, noise).action,
+        fresh.decide_with_noise(obs, noise).action,
+        atol=1e-4,
+        rtol=0,
+    )
+
+
+@pytest.mark.gpu
+def test_compiled_gpu_engine_matches_reference() -> None:
+    agent = _agent(tiny=True)
+    eng = build_engine(
+        agent, kind="compiled", batch=1, samples=64, device="cuda", compile_mode="default"
+    )
+    obs, noise = torch.randn(1, 17), _noise(eng)
+    assert_matches_reference(
+        eng.decide_with_noise(obs, noise), reference(eng, obs, noise), "float32"
+    )
+
+
+@pytest.mark.gpu
+def test_tensorrt_engine_matches_reference_or_says_why_not(tmp_path) -> None:
+    from idql_runtime.engines.tensorrt import tensorrt_status
+
+    missing = tensorrt_status()
+    if missing is not None:
+        with pytest.raises(EngineUnavailable, match="torch_tensorrt"):
+            build_engine(_agent(), kind="tensorrt", device="cuda", cache_dir=str(tmp_path))
+        return
+    agent = _agent()
+    eng = build_engine(agent, kind="tensorrt", samples=64, device="cuda", cache_dir=str(tmp_path))
+    obs, noise = torch.randn(1, 17), _noise(eng)
+    assert_matches_reference(
+        eng.decide_with_noise(obs, noise), reference(eng, obs, noise), "float32"
+    )
+    again = build_engine(agent, kind="tensorrt", samples=64, device="cuda", cache_dir=str(tmp_path))
+    assert again.info["cache_hit"] is True
+
+
+# ---------------------------------------------------------------- idql-bench
+def test_idql_bench_writes_json_table_and_histogram(tmp_path, capsys) -> None:
+    import json
+
+    from idql_runtime.cli.bench import main
+
+    rc = main(
+        [
+            "--engines",
+            "auto,eager,cuda_graph",
+            "--samples",
+            "8",
+            "--batch",
+            "1,2",
+            "--iters",
+            "12",
+            "--max-seconds",
+            "0.3",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["weights"]["source"] == "random" and "HalfCheetah" in out["weights"]["note"]
+    assert out["machine"]["torch"] == torch.__version__
+    rows = {(r["requested"], r["batch"]): r for r in out["decision"]}
+    assert rows[("auto", 1)]["engine"] == "cpu"
+    for b in (1, 2):
+        r = rows[("auto", b)]
+        assert r["p50_us"] > 0 and r["p99_us"] >= r["p50_us"] and r["eager_p50_us"] > 0
+        assert r["speedup_p50"] == pytest.approx(r["eager_p50_us"] / r["p50_us"], rel=1e-2)
+    # --device cpu: the CUDA-only engine is a clear error row, not a crash
+    assert "CUDA device" in rows[("cuda_graph", 1)]["error"]
+    assert (tmp_path / "latency_hist.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "bench.json").read_text())["decision"] == out["decision"]
