@@ -4,6 +4,9 @@ optionally streaming transitions to a learner; or ``--serve`` actions to ZeroMQ 
 A thin process: it builds library objects (checkpoint -> agent -> engine -> Actor or
 ActionServer) and runs their loop. SIGINT/SIGTERM stop it cleanly: the control loop
 stops (a robot would hold), the link flushes with a bounded wait for acks, exit 0.
+Exit status: 0 done or stopped by a signal; 2 refused at start-up (bad checkpoint, an
+exposed bind without --curve-dir or --insecure, an unsafe key file); 3 stopped by
+--overrun-limit late decisions in a row.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overrun-limit",
         type=int,
         default=50,
-        help="late decisions in a row that stop the actor safely",
+        help="late decisions in a row that stop the actor safely (exit status 3)",
     )
     p.add_argument(
         "--safe-action", help="comma-separated fallback action (default: hold the last action)"
@@ -128,11 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"idql-actor: {e}", file=sys.stderr)
         return 2
-    if args.serve:
-        from actor.serve import serve
+    from idql_runtime.transport import InsecureBindError, InsecureKeyFileError
 
-        return serve(args, agent, engine)
-    return act(args, agent, engine, meta)
+    try:
+        if args.serve:
+            from actor.serve import serve
+
+            return serve(args, agent, engine)
+        return act(args, agent, engine, meta)
+    except (InsecureBindError, InsecureKeyFileError, FileNotFoundError) as e:
+        print(f"idql-actor: {e}", file=sys.stderr)  # refused at start-up
+        return 2
 
 
 def act(args: argparse.Namespace, agent: Any, engine: Any, meta: dict[str, Any]) -> int:

@@ -65,6 +65,8 @@ class Actor:
             self._decide, agent.act_dim, safe_action=safe_action, overrun_limit=overrun_limit
         )
         self.policy_version = 0
+        self._pending_weights: tuple[int, dict[str, Any]] | None = None
+        self._last_episode_id = 0
         self.report = ActorReport()
         self.status_interval_s = status_interval_s
         self.stop_requested = False
@@ -77,14 +79,18 @@ class Actor:
         """Between ticks: apply the newest verified weights if newer, else keep the old.
 
         The agent validates every tensor before copying any (shape, NaN/inf), so a bad
-        update leaves the current weights in place (reliability.md #10).
+        update leaves the current weights in place (reliability.md #10). While a late
+        decision still runs in the decider's thread the swap waits for the next tick, so
+        no decision ever runs on a mix of old and new weights.
         """
         if self.link is None:
             return False
         got = self.link.poll_weights()
-        if got is None:
+        if got is not None:
+            self._pending_weights = got  # the link only hands out newer versions
+        if self._pending_weights is None or self.decider.busy:
             return False
-        version, arrays = got
+        (version, arrays), self._pending_weights = self._pending_weights, None
         if version <= self.policy_version:
             self.report.weights_refused += 1
             return False
@@ -112,6 +118,7 @@ class Actor:
             "rate_hz_target": self.rate_hz,
             "rate_hz_achieved": round(self.rate.achieved_hz(), 2),
             "missed_ticks": self.rate.missed_ticks,
+            "tick_late": self.rate.take_jitter(),  # since the previous status line
             "recent_returns": [round(r, 1) for r in self._recent_returns],
             **self.decider.stats.summary(),
         }
@@ -203,8 +210,12 @@ class Actor:
         return self.report
 
     def _episode_id(self, index: int) -> int:
-        # unique across actors and restarts: actor id in the high bits, start time + index below
-        return (self.actor_id << 40) | ((int(time.time()) & 0xFFFFFF) << 16) | (index & 0xFFFF)
+        """Unique per actor (rows are grouped by ``(actor_id, episode_id)``), across its
+        restarts too: the wall clock in microseconds at the episode's start, strictly
+        increasing. (Packing the actor id into the id overflowed int64 for actor ids of
+        2**23 and up, which made every transition unencodable; an index field wrapped.)"""
+        self._last_episode_id = max(self._last_episode_id + 1, time.time_ns() // 1000)
+        return self._last_episode_id
 
     def close(self) -> None:
         self.decider.close()

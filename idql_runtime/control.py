@@ -8,7 +8,9 @@ overrun detection). ``overrun_limit`` overruns in a row raise ``OverrunLimit`` s
 caller can stop the robot safely.
 
 ``RateKeeper`` schedules ticks at start + k * period; when a tick is missed entirely it
-skips ahead (no catch-up burst) and counts the missed ticks.
+skips ahead (no catch-up burst) and counts the missed ticks. It also records how late
+each tick woke (its jitter), so that a stalled network or learner showing up in the
+control loop would be visible (reliability.md #3, #8).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class RateKeeper:
         self.next_tick = self.start
         self.ticks = 0
         self.missed_ticks = 0
+        self._late_s: list[float] = []  # wake-up lateness of the ticks since take_jitter()
 
     def wait(self) -> float:
         """Sleep until the next tick; return its scheduled time (the tick's t0)."""
@@ -56,7 +59,22 @@ class RateKeeper:
         t0 = self.next_tick
         self.next_tick += self.period_s
         self.ticks += 1
+        if len(self._late_s) < 100_000:  # bounded if nobody takes the window for long
+            self._late_s.append(self.clock() - t0)
         return t0
+
+    def take_jitter(self) -> dict[str, float]:
+        """Tick wake-up lateness in ms (p50, p99, max) over the ticks since the last call,
+        and how many ticks that was; a skipped tick counts in ``missed_ticks`` instead."""
+        late, self._late_s = np.asarray(self._late_s) * 1e3, []
+        if not len(late):
+            return {"ticks": 0}
+        return {
+            "ticks": int(len(late)),
+            "p50_ms": round(float(np.percentile(late, 50)), 3),
+            "p99_ms": round(float(np.percentile(late, 99)), 3),
+            "max_ms": round(float(late.max()), 3),
+        }
 
     def achieved_hz(self) -> float:
         elapsed = self.clock() - self.start
@@ -118,7 +136,8 @@ class DeadlineDecider:
         self.stats = DecisionStats()
         self._cv = threading.Condition()
         self._job: tuple[int, np.ndarray] | None = None
-        self._result: tuple[int, np.ndarray, float] | None = None
+        self._result: tuple[int, np.ndarray, float, float] | None = None  # ..., done at
+        self._clock: Callable[[], float] = time.monotonic  # the deadlines' clock
         self._busy = False
         self._ticket = 0
         self._stop = False
@@ -146,11 +165,18 @@ class DeadlineDecider:
                     self._cv.notify_all()
                 return
             dt = time.perf_counter() - t0
+            done_at = self._clock()
             self.stats.latencies_s.append(dt)  # late decisions count in the percentiles too
             with self._cv:
-                self._result = (ticket, action, dt)
+                self._result = (ticket, action, dt, done_at)
                 self._busy = False
                 self._cv.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        """A (late) decision is still running in the worker thread."""
+        with self._cv:
+            return self._busy or self._job is not None
 
     def decide(
         self, obs: np.ndarray, deadline: float | None, clock: Callable[[], float] = time.monotonic
@@ -163,7 +189,7 @@ class DeadlineDecider:
                 return self._fallback(), True
             self._ticket += 1
             ticket = self._ticket
-            self._job, self._result = (ticket, obs), None
+            self._job, self._result, self._clock = (ticket, obs), None, clock
             self._cv.notify_all()
             while self._result is None or self._result[0] != ticket:
                 if self._error is not None:
@@ -175,7 +201,11 @@ class DeadlineDecider:
                 if remaining <= 0:
                     return self._fallback(), True
                 self._cv.wait(timeout=remaining)
-            _, action, _ = self._result
+            _, action, _, done_at = self._result
+            if deadline is not None and done_at > deadline:
+                # Finished after its deadline and seen only because this thread woke
+                # late from its wait: late all the same, never executed.
+                return self._fallback(), True
         self.stats.decisions += 1
         self.stats.consecutive_overruns = 0
         self.last_action = action

@@ -8,6 +8,12 @@ Exactly once: a batch is acked only after the store commit that holds it returns
 the set of committed (actor_id, seq) pairs is written *inside that same commit* (the
 store's commit record), so after a crash the table and the rows agree and a resent
 batch is recognised as a duplicate (reliability.md #1, #4).
+
+A dead actor (silent for ``--heartbeat-liveness-s``) is forgotten by the link; if its last
+committed batch left an episode open, that ``(actor_id, episode_id)`` is recorded as
+truncated in the commit record's ``truncated_episodes`` (reliability.md #2): rows are
+never rewritten, and every committed row is a whole transition, so the half episode is
+usable data whose end is marked there rather than on a row.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import signal
 import sys
 import time
 from argparse import Namespace
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,12 @@ import numpy as np
 import torch
 
 from idql_runtime.agent import Agent
-from idql_runtime.checkpoint import load_checkpoint, restore_agent, save_checkpoint
+from idql_runtime.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    restore_agent,
+    save_checkpoint,
+)
 from idql_runtime.config import Config, config_from_flat, parse_overrides
 from idql_runtime.envs import RewardTransform
 from idql_runtime.replay import MixedSampler, ReplaySampler, ReplayStore
@@ -35,6 +46,10 @@ from idql_runtime.trainer import prepare_batch
 log = logging.getLogger(__name__)
 
 STORE_KEYS = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
+MAX_TRUNCATED_RECORDS = 1000
+"""Newest dead-actor episode marks kept in the commit record (it is rewritten per commit)."""
+MAX_HELD_VERSION = 2**62
+"""Versions actors report above this are ignored (versions must stay below 2**63)."""
 
 
 class SeqTable:
@@ -44,7 +59,7 @@ class SeqTable:
     one interval and the table stays a handful of integers however long the run.
     """
 
-    def __init__(self, intervals: dict[int, list[list[int]]] | None = None) -> None:
+    def __init__(self, intervals: Mapping[Any, list[list[int]]] | None = None) -> None:
         self.intervals: dict[int, list[list[int]]] = {
             int(k): [list(map(int, iv)) for iv in v] for k, v in (intervals or {}).items()
         }
@@ -73,18 +88,48 @@ class SeqTable:
         return {str(k): v for k, v in self.intervals.items()}
 
 
-def batch_rows(msg: dict[str, Any], actor_id: int) -> dict[str, np.ndarray]:
-    """Rows for the store from one decoded ``transitions`` message; KeyError/ValueError
-    name what is missing or malformed."""
+def batch_rows(
+    msg: dict[str, Any], actor_id: int, obs_dim: int | None = None, act_dim: int | None = None
+) -> dict[str, np.ndarray]:
+    """Rows for the store from one decoded ``transitions`` message.
+
+    Checks everything the store would refuse (keys, row shapes against the store's
+    ``obs_dim``/``act_dim``, values that become non-finite in float32), so that one bad
+    batch is rejected alone and can never fail the commit it shares with good ones (and
+    with them, the learner). ``obs_dim``/``act_dim`` None: take them from the batch.
+    Raises KeyError/ValueError naming what is missing or malformed.
+    """
     arrays = msg["arrays"]
     missing = [k for k in STORE_KEYS if k not in arrays]
     if missing:
         raise ValueError(f"transitions from actor {actor_id} lack arrays {missing}")
     n = len(msg["episode_ids"])
-    rows = {k: np.asarray(arrays[k]) for k in STORE_KEYS}
-    rows["reward"] = rows["reward"].reshape(n)
-    rows["terminated"] = rows["terminated"].reshape(n).astype(bool)
-    rows["truncated"] = rows["truncated"].reshape(n).astype(bool)
+    obs_dim = int(np.shape(arrays["obs"])[-1]) if obs_dim is None else obs_dim
+    act_dim = int(np.shape(arrays["action"])[-1]) if act_dim is None else act_dim
+    want = {"obs": (n, obs_dim), "next_obs": (n, obs_dim), "action": (n, act_dim)}
+    rows: dict[str, np.ndarray] = {}
+    for k, shape in want.items():
+        a = np.asarray(arrays[k])
+        if a.shape != shape:
+            raise ValueError(
+                f"transitions from actor {actor_id}: {k} has shape {a.shape}, need {shape}"
+            )
+        rows[k] = a
+    for k in ("reward", "terminated", "truncated"):
+        a = np.asarray(arrays[k])
+        if a.size != n:
+            raise ValueError(
+                f"transitions from actor {actor_id}: {k} has shape {a.shape}, need ({n},)"
+            )
+        rows[k] = a.reshape(n)
+    for k in ("obs", "next_obs", "action", "reward"):
+        rows[k] = rows[k].astype(np.float32)
+        if not np.isfinite(rows[k]).all():  # finite float64 can overflow float32
+            raise ValueError(f"transitions from actor {actor_id}: {k} is not finite in float32")
+    for k in ("terminated", "truncated"):
+        if rows[k].dtype.kind != "b" and not np.isin(rows[k], (0, 1)).all():
+            raise ValueError(f"transitions from actor {actor_id}: {k} is not 0/1")
+        rows[k] = rows[k].astype(bool)
     rows["actor_id"] = np.full(n, actor_id, np.int32)
     rows["policy_version"] = np.full(n, msg["policy_version"], np.int64)
     rows["episode_id"] = np.asarray(msg["episode_ids"], np.int64)
@@ -112,9 +157,15 @@ class OnlineLearner:
         self.cfg, self.agent, self.store, self.link = cfg, agent, store, link
         self.run_dir, self.transform, self.meta = run_dir, transform, meta
         self.policy_version, self.updates = policy_version, updates
-        self.seq = SeqTable(
-            store.commit_meta.get("seq_table") if hasattr(store, "commit_meta") else None
-        )
+        committed = store.commit_meta if hasattr(store, "commit_meta") else {}
+        self.seq = SeqTable(committed.get("seq_table"))
+        # versions only grow, also across a crash that lost the newest checkpoint
+        self.policy_version = max(policy_version, int(committed.get("policy_version", 0)))
+        # per actor: [seq, episode_id, open] of its newest committed batch (open: its last
+        # row ended no episode); and (actor_id, episode_id) cut short by an actor's death
+        self.last_batch: dict[str, list[int]] = dict(committed.get("last_batch", {}))
+        self.truncated_episodes: list[list[int]] = list(committed.get("truncated_episodes", []))
+        self._meta_dirty = False
         self.online = ReplaySampler(store, seed=seed + 1)
         self.sampler: Any = (
             MixedSampler(offline, self.online, cfg.online.online_fraction, seed=seed)
@@ -128,10 +179,12 @@ class OnlineLearner:
             "duplicates": 0,
             "append_failures": 0,
             "bad_batches": 0,
+            "actors_dead": 0,
         }
         self.store_healthy = True
         self.generator = torch.Generator(device=agent.device).manual_seed(seed)
         self.last_checkpoint = time.monotonic()
+        self.checkpointed_updates: int | None = None  # `updates` of a checkpoint in run_dir
         self.stop_requested = False
 
     # ------------------------------------------------------------ ingest
@@ -150,7 +203,7 @@ class OnlineLearner:
                 self.link.ack(b.actor_id, b.seq, len(self.store), status="duplicate")
                 continue
             try:
-                rows = batch_rows(b.msg, b.actor_id)
+                rows = batch_rows(b.msg, b.actor_id, self.store.obs_dim, self.store.act_dim)
             except (KeyError, ValueError) as e:
                 self.counters["bad_batches"] += 1
                 self.link.reject(b.actor_id, b.seq, str(e))
@@ -161,10 +214,20 @@ class OnlineLearner:
             return 0
         merged = {k: np.concatenate([r[k] for _, _, r in new]) for k in new[0][2]}
         table = SeqTable(self.seq.to_json())
-        for actor_id, seq, _ in new:
+        last_batch = {k: list(v) for k, v in self.last_batch.items()}
+        truncated = [list(t) for t in self.truncated_episodes]
+        for actor_id, seq, rows in new:
             table.add(actor_id, seq)
+            done = bool(rows["terminated"][-1] or rows["truncated"][-1])
+            prev = last_batch.get(str(actor_id))
+            if prev is None or seq > prev[0]:
+                last_batch[str(actor_id)] = [seq, int(rows["episode_id"][-1]), int(not done)]
+            # an actor declared dead that comes back continues its episode: not truncated
+            eps = set(rows["episode_id"].tolist())
+            truncated = [t for t in truncated if not (t[0] == actor_id and t[1] in eps)]
+        meta = self._commit_meta(table, last_batch, truncated)
         try:
-            committed = self.store.append(merged, commit_meta={"seq_table": table.to_json()})
+            committed = self.store.append(merged, commit_meta=meta)
         except OSError as e:
             self.counters["append_failures"] += 1
             if self.store_healthy:
@@ -174,7 +237,8 @@ class OnlineLearner:
         if not self.store_healthy:
             log.info("replay store writable again")
         self.store_healthy = True
-        self.seq = table
+        self.seq, self.last_batch, self.truncated_episodes = table, last_batch, truncated
+        self._meta_dirty = False
         for actor_id, seq, _ in new:
             self.link.ack(actor_id, seq, committed)
         n = len(merged["reward"])
@@ -182,6 +246,64 @@ class OnlineLearner:
         self.counters["ingested_batches"] += len(new)
         self.owed_updates += n * self.cfg.online.updates_per_transition
         return n
+
+    def _commit_meta(
+        self,
+        table: SeqTable,
+        last_batch: dict[str, list[int]],
+        truncated: list[list[int]],
+    ) -> dict[str, Any]:
+        return {
+            "seq_table": table.to_json(),
+            "policy_version": self.policy_version,
+            "last_batch": last_batch,
+            "truncated_episodes": truncated[-MAX_TRUNCATED_RECORDS:],
+        }
+
+    def forget_dead_actors(self, dead: Iterable[int]) -> None:
+        """Record the open episode of each dead actor as truncated (reliability.md #2).
+
+        The record is committed at once by a zero-row commit; if the store refuses, it
+        rides along with the next successful commit (every commit carries all of it).
+        """
+        for actor_id in dead:
+            self.counters["actors_dead"] += 1
+            last = self.last_batch.pop(str(actor_id), None)
+            self._meta_dirty |= last is not None
+            if last is not None and last[2]:
+                self.truncated_episodes.append([actor_id, last[1]])
+                log.warning(
+                    "actor %s missed its heartbeats: freed; its episode %d is recorded as"
+                    " truncated",
+                    actor_id,
+                    last[1],
+                )
+            else:
+                log.warning("actor %s missed its heartbeats: freed", actor_id)
+        if self._meta_dirty:
+            self._commit_meta_only()
+
+    def _commit_meta_only(self) -> None:
+        d, a = self.store.obs_dim, self.store.act_dim
+        empty = {
+            "obs": np.empty((0, d), np.float32),
+            "next_obs": np.empty((0, d), np.float32),
+            "action": np.empty((0, a), np.float32),
+            "reward": np.empty(0, np.float32),
+            "terminated": np.empty(0, bool),
+            "truncated": np.empty(0, bool),
+        }
+        meta = self._commit_meta(self.seq, self.last_batch, self.truncated_episodes)
+        try:
+            self.store.append(empty, commit_meta=meta)
+        except OSError as e:
+            self.counters["append_failures"] += 1
+            if self.store_healthy:
+                log.error("could not commit the dead-actor record yet: %s", e)
+            self.store_healthy = False
+            return
+        self._meta_dirty = False
+        self.store_healthy = True
 
     # ------------------------------------------------------------ learning
     def train(self) -> int:
@@ -210,7 +332,15 @@ class OnlineLearner:
         return todo
 
     def publish(self) -> None:
-        self.policy_version += 1
+        # Above every version an actor reports holding (heartbeats), so that weights
+        # published after a learner restart are never refused as stale.
+        held = [
+            v
+            for st in (self.link.actors().values() if hasattr(self.link, "actors") else ())
+            if isinstance(v := st.last_heartbeat.get("weights_version", -1), int)
+            and v < MAX_HELD_VERSION
+        ]
+        self.policy_version = max([self.policy_version, *held]) + 1
         groups = (
             ("q_target.", "v.", "score_ema.")
             if self.cfg.online.finetune_actor
@@ -224,7 +354,12 @@ class OnlineLearner:
         self.link.publish_weights(self.policy_version, tensors)
 
     # ------------------------------------------------------------ persistence
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> Path | None:
+        """Save (atomically) unless a checkpoint of these very updates is already there:
+        rewriting the same ``ckpt_<updates>`` would delete it before the new one lands."""
+        if self.checkpointed_updates == self.updates:
+            self.last_checkpoint = time.monotonic()
+            return None
         path = save_checkpoint(
             self.run_dir / "checkpoints",
             self.updates,
@@ -239,6 +374,7 @@ class OnlineLearner:
             keep=self.cfg.train.keep_checkpoints,
         )
         self.last_checkpoint = time.monotonic()
+        self.checkpointed_updates = self.updates
         return path
 
     def status(self) -> dict[str, Any]:
@@ -249,6 +385,8 @@ class OnlineLearner:
             "policy_version": self.policy_version,
             **self.counters,
             "store_healthy": self.store_healthy,
+            "actors_live": len(getattr(self.link, "actors", lambda: {})()),
+            "truncated_episodes": len(self.truncated_episodes),
             "actors": {
                 str(a): {"rows": s.rows, "gaps": self.seq.gaps(a)}
                 for a, s in getattr(self.link, "actors", lambda: {})().items()
@@ -268,9 +406,12 @@ class OnlineLearner:
                 self.ingest(batches)
             elif not self.store_healthy:
                 time.sleep(0.05)
+                if self._meta_dirty:
+                    self._commit_meta_only()
             self.train()
-            for dead in self.link.dead_actors() if hasattr(self.link, "dead_actors") else []:
-                log.warning("actor %s missed its heartbeats: freed", dead)
+            dead = self.link.dead_actors() if hasattr(self.link, "dead_actors") else []
+            if dead or (self._meta_dirty and self.store_healthy):
+                self.forget_dead_actors(dead)
             now = time.monotonic()
             if now - self.last_checkpoint >= self.cfg.online.checkpoint_interval_s:
                 self.checkpoint()
@@ -301,11 +442,30 @@ def _open_or_create_store(
 def run_online_learner(args: Namespace) -> int:
     """Entry point of ``idql-learner --pretrained``; resumes from ``--run-dir`` if it has
     online checkpoints (store + checkpoint + optimiser state + sequence table)."""
-    from idql_runtime.transport import LearnerLink, curve_from_dir
+    from idql_runtime.transport import (
+        LearnerLink,
+        check_bind_address,
+        curve_from_dir,
+        load_secret_key,
+    )
 
+    # Refuse an exposed bind or a readable key (reliability.md #12, #13) before touching
+    # checkpoints or the store.
+    curve = curve_from_dir(args.curve_dir, "server") if args.curve_dir else None
+    if curve is not None:
+        load_secret_key(curve.secret_key_file)
+    for endpoint in (args.bind_ingest, args.bind_weights):
+        check_bind_address(endpoint, insecure=args.insecure, curve=curve)
     run_dir = Path(args.run_dir)
-    resumed = (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("ckpt_*"))
-    ckpt = load_checkpoint(run_dir / "checkpoints" if resumed else args.pretrained)
+    resumed = False
+    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("ckpt_*")):
+        try:
+            ckpt = load_checkpoint(run_dir / "checkpoints")
+            resumed = True
+        except CheckpointError as e:  # the store and its sequence table still hold the data
+            log.error("no valid checkpoint in %s (%s); starting from --pretrained", run_dir, e)
+    if not resumed:
+        ckpt = load_checkpoint(args.pretrained)
     cfg_flat = {**_flat(ckpt.meta["config"]), **parse_overrides(args.set)}
     cfg = config_from_flat(cfg_flat)
     agent = restore_agent(ckpt, args.device, optimisers=True)
@@ -335,7 +495,6 @@ def run_online_learner(args: Namespace) -> int:
         offline = ReplaySampler(open_dataset(args.offline), seed=cfg.train.seed).split(
             1.0 - cfg.train.val_fraction, seed=cfg.train.seed
         )[0]
-    curve = curve_from_dir(args.curve_dir, "server") if args.curve_dir else None
     link = LearnerLink(
         args.bind_ingest,
         args.bind_weights,
@@ -356,9 +515,12 @@ def run_online_learner(args: Namespace) -> int:
         updates=int(tj.get("updates", 0)),
         seed=cfg.train.seed,
     )
+    if resumed:
+        learner.checkpointed_updates = learner.updates
     log.info(
-        "learner %s: %d rows in %s, policy version %d, ingest %s, weights %s",
+        "learner %s from %s: %d rows in %s, policy version %d, ingest %s, weights %s",
         "resumed" if resumed else "started",
+        ckpt.path,
         len(store),
         args.replay,
         learner.policy_version,
@@ -372,7 +534,7 @@ def run_online_learner(args: Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        learner.run(args.max_seconds)
+        learner.run(args.max_seconds, getattr(args, "status_interval_s", 5.0))
     finally:
         if learner.store_healthy:
             learner.checkpoint()

@@ -52,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--heartbeat-liveness-s",
         type=float,
         default=3.0,
-        help="an actor silent this long is declared dead",
+        help="an actor silent this long is declared dead; its open episode is then "
+        "recorded as truncated (the replay commit record's truncated_episodes)",
+    )
+    on.add_argument(
+        "--status-interval-s",
+        type=float,
+        default=5.0,
+        help="seconds between the JSON status lines on stdout",
     )
     p.add_argument("--config", help="YAML config (configs/*.yaml)")
     p.add_argument(
@@ -80,9 +87,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.pretrained:
+            from idql_runtime.checkpoint import CheckpointError
             from idql_runtime.online import run_online_learner
+            from idql_runtime.replay import StoreLockedError
+            from idql_runtime.transport import InsecureBindError, InsecureKeyFileError
 
-            return run_online_learner(args)
+            try:
+                return run_online_learner(args)
+            except (
+                InsecureBindError,
+                InsecureKeyFileError,
+                CheckpointError,
+                StoreLockedError,
+                FileNotFoundError,
+            ) as e:  # refused at start-up: say why, no traceback
+                print(f"idql-learner: {e}", file=sys.stderr)
+                return 2
         if not args.dataset:
             print(
                 "idql-learner: give --dataset PATH (offline) or --pretrained CKPT (online)",

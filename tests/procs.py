@@ -42,6 +42,7 @@ class Proc:
         self.name = name
         self.stderr_path = log_dir / f"{name}.err"
         self.events: list[dict[str, Any]] = []
+        self.arrived: list[float] = []  # time.monotonic() each event was read (same order)
         self.text: list[str] = []
         self.popen = subprocess.Popen(
             [sys.executable, *args],
@@ -69,15 +70,28 @@ class Proc:
             if isinstance(ev, dict):
                 with self._lock:
                     self.events.append(ev)
+                    self.arrived.append(time.monotonic())
 
     def find(self, key: str) -> list[dict[str, Any]]:
         with self._lock:
             return [e[key] for e in self.events if key in e]
 
-    def wait_for(self, key: str, pred=lambda e: True, timeout_s: float = 60.0) -> dict[str, Any]:
+    def find_timed(self, key: str) -> list[tuple[float, dict[str, Any]]]:
+        """``(arrival time.monotonic(), event[key])`` for every event with ``key``."""
+        with self._lock:
+            return [(t, e[key]) for t, e in zip(self.arrived, self.events, strict=True) if key in e]
+
+    def count(self, key: str) -> int:
+        """How many ``key`` events arrived so far (for ``wait_for(..., since=)``)."""
+        return len(self.find(key))
+
+    def wait_for(
+        self, key: str, pred=lambda e: True, timeout_s: float = 60.0, since: int = 0
+    ) -> dict[str, Any]:
+        """The first ``key`` event (from the ``since``-th on) for which ``pred`` holds."""
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
-            for e in self.find(key):
+            for e in self.find(key)[since:]:
                 if pred(e):
                     return e
             if self.popen.poll() is not None and not self._thread.is_alive():
@@ -121,10 +135,12 @@ def learner(
     *extra: str,
     offline: Path | None = None,
     name: str = "learner",
+    module: list[str] | None = None,
 ) -> Proc:
+    """``module``: what runs instead of ``-m learner`` (e.g. a fault-injecting wrapper that
+    takes the learner's arguments after it)."""
     args = [
-        "-m",
-        "learner",
+        *(module or ["-m", "learner"]),
         "--pretrained",
         str(ckpt),
         "--replay",
@@ -144,10 +160,18 @@ def learner(
     return Proc(name, args, log_dir)
 
 
-def actor(log_dir: Path, ckpt: Path, port: int | None, actor_id: int, *extra: str) -> Proc:
+def actor(
+    log_dir: Path,
+    ckpt: Path,
+    port: int | None,
+    actor_id: int,
+    *extra: str,
+    module: list[str] | None = None,
+    name: str | None = None,
+) -> Proc:
+    """Later options in ``extra`` override the defaults here (argparse keeps the last)."""
     args = [
-        "-m",
-        "actor",
+        *(module or ["-m", "actor"]),
         "--checkpoint",
         str(ckpt),
         "--env",
@@ -168,7 +192,7 @@ def actor(log_dir: Path, ckpt: Path, port: int | None, actor_id: int, *extra: st
     ]
     if port is not None:
         args += ["--learner", f"tcp://127.0.0.1:{port}", "--weights", f"tcp://127.0.0.1:{port + 1}"]
-    return Proc(f"actor{actor_id}", args, log_dir)
+    return Proc(name or f"actor{actor_id}", args, log_dir)
 
 
 def pretrained_checkpoint(store_path: Path, run_dir: Path, iterations: int = 30) -> Path:

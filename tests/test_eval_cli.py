@@ -13,13 +13,32 @@ from idql_runtime.envs import D4RL_REFERENCE_SCORES
 from tests.procs import ENV, ROOT, pretrained_checkpoint
 
 
-def test_eval_cli_reports_returns_scores_png_and_video(hopper_store_path: Path, tmp_path: Path) -> None:
+def test_eval_cli_reports_returns_scores_png_and_video(
+    hopper_store_path: Path, tmp_path: Path
+) -> None:
     ckpt = pretrained_checkpoint(hopper_store_path, tmp_path / "pre", iterations=5)
     out = tmp_path / "eval"
     r = subprocess.run(
-        [sys.executable, "-m", "idql_runtime.cli.eval", "--checkpoint", str(ckpt), "--episodes", "2",
-         "--samples", "4", "--out", str(out), "--video"],
-        capture_output=True, text=True, timeout=300, env={**ENV, "MUJOCO_GL": "egl"}, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "idql_runtime.cli.eval",
+            "--checkpoint",
+            str(ckpt),
+            "--episodes",
+            "2",
+            "--samples",
+            "4",
+            "--out",
+            str(out),
+            "--video",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**ENV, "MUJOCO_GL": "egl"},
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads(r.stdout.strip().splitlines()[-1])
     assert s["episodes"] == 2 and len(s["returns"]) == 2 and s["samples"] == 4

@@ -135,8 +135,8 @@ def test_resend_after_learner_restart_keeps_actor_id_and_seq(tmp_path):
 
         second = LearnerLink(ingest, f"ipc://{tmp_path}/weights")
         try:
-            after = collect(second, 30, 5.0, ack=True)
-            assert actor.flush(5.0)
+            after = collect(second, 30, 15.0, ack=True)
+            assert actor.flush(15.0)
             stats = actor.stats()
         finally:
             second.close()
