@@ -164,10 +164,15 @@ def save_checkpoint(
         for f in tmp.iterdir():
             _fsync_path(f)
         _fsync_path(tmp)
-        if final.exists():  # same iteration saved twice (e.g. SIGTERM right after a save)
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # same iteration saved twice: move the old one aside first, so
+            # a crash in between leaves either it or the new one under a loadable name
+            old = root / f".old-{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(final, old)
         os.rename(tmp, final)
         _fsync_path(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -176,10 +181,10 @@ def save_checkpoint(
 
 
 def prune(root: Path, keep: int) -> None:
-    for stale in root.glob(".tmp-*"):
+    for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
         if stale.is_dir() and not _owned_by_live_writer(stale):
             shutil.rmtree(stale, ignore_errors=True)
-    ckpts = list_checkpoints(root)
+    ckpts = [p for p in list_checkpoints(root) if (p / "meta.json").exists()]  # complete ones
     for old in ckpts[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -232,8 +237,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, with_train_state: bool = Tr
         except (CheckpointError, json.JSONDecodeError) as e:
             errors.append(str(e))
             continue
-        weights = load_file(str(cand / "weights.safetensors"))
-        train = load_file(str(cand / "train_state.safetensors")) if with_train_state else {}
+        try:
+            weights = load_file(str(cand / "weights.safetensors"))
+            train = load_file(str(cand / "train_state.safetensors")) if with_train_state else {}
+        except Exception as e:  # not safetensors (e.g. a pickle): skipped, never unpickled
+            errors.append(f"{cand}: unreadable weights ({type(e).__name__}: {e})")
+            continue
         return Checkpoint(cand, meta, weights, train)
     raise CheckpointError(f"no valid checkpoint at {path}: " + "; ".join(errors))
 

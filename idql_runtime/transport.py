@@ -849,7 +849,7 @@ class ActorLink:
                 raise ProtocolError(
                     E_TOO_LARGE, f"batch of {len(payload)} bytes > max_message_bytes"
                 )
-        except (ProtocolError, ValueError, TypeError, KeyError) as exc:
+        except (ProtocolError, ValueError, TypeError, KeyError, OverflowError) as exc:
             with self._lock:
                 self._last_error = f"transitions could not be encoded: {exc}"
             return None, total

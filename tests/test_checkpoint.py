@@ -81,3 +81,46 @@ def test_meta_is_plain_json_and_files_are_not_pickles(tmp_path: Path) -> None:
     for f in path.glob("*.safetensors"):
         assert not f.read_bytes().startswith(b"\x80")  # pickle protocol header
     shutil.rmtree(path)
+
+
+def test_pickle_in_place_of_safetensors_is_rejected_never_unpickled(tmp_path: Path) -> None:
+    """A checkpoint whose weights file is a pickle (with a consistent hash in meta.json)
+    is skipped as unreadable; the payload's side effect never happens."""
+    import hashlib
+    import pickle  # test-only: builds the malicious payload that must be rejected
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "ckpt_000000009"
+    bad.mkdir()
+    blob = pickle.dumps(Payload())
+    (bad / "weights.safetensors").write_bytes(blob)
+    (bad / "train_state.safetensors").write_bytes(blob)
+    digest = hashlib.sha256(blob).hexdigest()
+    (bad / "meta.json").write_text(
+        json.dumps(
+            {
+                "iteration": 9,
+                "sha256": {"weights.safetensors": digest, "train_state.safetensors": digest},
+            }
+        )
+    )
+    with pytest.raises(CheckpointError, match="unreadable weights"):
+        load_checkpoint(tmp_path)
+    assert not marker.exists()
+    save_checkpoint(tmp_path / "good", 1, _agent(), meta={})
+    shutil.copytree(bad, tmp_path / "good" / "ckpt_000000009")
+    assert load_checkpoint(tmp_path / "good").iteration == 1  # falls back past the bad one
+    assert not marker.exists()
+
+
+def test_resaving_an_iteration_replaces_it_atomically(tmp_path: Path) -> None:
+    a = _agent()
+    first = save_checkpoint(tmp_path, 4, a, meta={"n": 1})
+    second = save_checkpoint(tmp_path, 4, a, meta={"n": 2})
+    assert first == second and load_checkpoint(tmp_path).meta["n"] == 2
+    assert not list(tmp_path.glob(".old-*")) and not list(tmp_path.glob(".tmp-*"))
