@@ -104,6 +104,8 @@ class Actor:
         except ValueError as e:
             self.report.weights_refused += 1
             log.warning("refused weights version %d: %s", version, e)
+            if hasattr(self.link, "reject_weights"):
+                self.link.reject_weights(version, self.policy_version)
             return False
         self.policy_version = version
         self.report.weight_swaps += 1

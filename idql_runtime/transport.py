@@ -589,6 +589,14 @@ class ActorLink:
             new, self._new_weights = self._new_weights, None
         return new
 
+    def reject_weights(self, version: int, current_version: int) -> None:
+        """The consumer refused ``version`` (e.g. shapes that do not fit its model): forget
+        it, so a refused update with a huge version cannot block every later good one."""
+        with self._lock:
+            if self._weights_version == version:
+                self._weights_version = current_version
+            self._counts["weights_rejected"] += 1
+
     def flush(self, timeout_s: float) -> bool:
         """Send partial batches now and wait (bounded) until every row is acked."""
         deadline = time.monotonic() + timeout_s

@@ -540,3 +540,32 @@ def test_raw_client_example_talks_to_server():
 def test_raw_client_imports_nothing_from_the_package():
     source = (ROOT / "examples" / "raw_client.py").read_text()
     assert "idql_runtime" not in source.split('"""', 2)[2]
+
+
+def test_refused_weights_do_not_block_later_versions():
+    """A protocol-valid update the actor refuses (e.g. wrong shapes) with a huge version
+    is forgotten by reject_weights, so the next good, smaller version still arrives."""
+    learner = LearnerLink(LOOPBACK, LOOPBACK, weights_republish_s=None)
+    actor = ActorLink(learner.ingest_endpoint, learner.weights_endpoint, 1)
+    w = {"w": np.ones(3, np.float32)}
+    try:
+        got = []
+        assert wait_for(
+            lambda: got.append(actor.poll_weights()) or got[-1] is not None,
+            5.0,
+            0.02,
+            poll=lambda: learner.publish_weights(10**12, w),
+        )
+        assert got[-1][0] == 10**12
+        actor.reject_weights(10**12, 0)  # the consumer kept version 0
+        got.clear()
+        assert wait_for(
+            lambda: got.append(actor.poll_weights()) or got[-1] is not None,
+            5.0,
+            0.02,
+            poll=lambda: learner.publish_weights(7, w),
+        )
+        assert got[-1][0] == 7 and actor.stats()["weights_rejected"] == 1
+    finally:
+        actor.close()
+        learner.close()
