@@ -166,21 +166,27 @@ def action_round_trip(engine_kind: str, samples: int, n: int = 400) -> dict[str,
     server = ActionServer(
         f"tcp://127.0.0.1:{port}", decide_batch, obs_dim=11, max_batch=1, batch_window_s=0.0
     )
+    # the server (and so the engine) runs on the main thread, as in `idql-serve`: torch's
+    # OpenMP kernels run ~2x slower from a worker thread; the client runs on a thread
     stop = threading.Event()
-    th = threading.Thread(target=server.serve_forever, args=(stop, 0.01), daemon=True)
+    rtt: list[float] = []
+
+    def client_loop() -> None:
+        client = ActionClient(f"tcp://127.0.0.1:{port}", timeout_s=5.0)
+        obs = np.zeros(11, np.float32)
+        for _ in range(20):
+            client.act(obs)
+        engine_s.clear()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            client.act(obs)
+            rtt.append(time.perf_counter() - t0)
+        client.close()
+        stop.set()
+
+    th = threading.Thread(target=client_loop, daemon=True)
     th.start()
-    client = ActionClient(f"tcp://127.0.0.1:{port}", timeout_s=5.0)
-    obs = np.zeros(11, np.float32)
-    for _ in range(20):
-        client.act(obs)
-    engine_s.clear()
-    rtt = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        client.act(obs)
-        rtt.append(time.perf_counter() - t0)
-    client.close()
-    stop.set()
+    server.serve_forever(stop, 0.01)
     th.join(5)
     server.close()
     rtt_us, eng_us = np.asarray(rtt) * 1e6, np.asarray(engine_s[-n:]) * 1e6

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -54,15 +55,25 @@ class Actor:
         deadline_fraction: float = 0.9,
         safe_action: np.ndarray | None = None,
         status_interval_s: float = 5.0,
+        decide_on_main_thread: bool | None = None,
     ) -> None:
         self.agent, self.engine, self.link = agent, engine, link
+        # Decisions run on the main thread (torch's OpenMP kernels are ~2x slower from a
+        # worker thread here) and the control loop on a helper thread, when built there.
+        if decide_on_main_thread is None:
+            decide_on_main_thread = threading.current_thread() is threading.main_thread()
+        self.decide_on_main_thread = decide_on_main_thread
         self.env = make_env(env_id)
         self.env_id, self.actor_id, self.seed = env_id, actor_id, seed
         native = control_rate_hz(self.env)
         self.rate_hz = native if rate_hz is None else rate_hz
         self.deadline_fraction = deadline_fraction
         self.decider = DeadlineDecider(
-            self._decide, agent.act_dim, safe_action=safe_action, overrun_limit=overrun_limit
+            self._decide,
+            agent.act_dim,
+            safe_action=safe_action,
+            overrun_limit=overrun_limit,
+            own_thread=not decide_on_main_thread,
         )
         self.policy_version = 0
         self._pending_weights: tuple[int, dict[str, Any]] | None = None
@@ -138,11 +149,36 @@ class Actor:
     ) -> ActorReport:
         """Act until a budget is spent or ``stop_requested``; 0 means unbounded."""
         self.rate = RateKeeper(self.rate_hz)
-        t_end = time.monotonic() + max_seconds if max_seconds > 0 else float("inf")
-        next_status = time.monotonic() + self.status_interval_s
         obs, _ = self.env.reset(seed=self.seed)
         for _ in range(3):  # warm-up: first calls allocate and pick kernels; not on the clock
             self._decide(np.asarray(obs, dtype=np.float32))
+        self.rate = RateKeeper(self.rate_hz)
+        budget = {"episodes": episodes, "max_seconds": max_seconds, "max_steps": max_steps}
+        if not self.decide_on_main_thread:
+            return self._control_loop(obs, **budget)
+        box: dict[str, Any] = {}
+
+        def control() -> None:
+            try:
+                box["report"] = self._control_loop(obs, **budget)
+            except BaseException as e:  # re-raised on the calling thread
+                box["error"] = e
+            finally:
+                self.decider.close()  # ends serve() below
+
+        thread = threading.Thread(target=control, name="idql-control", daemon=True)
+        thread.start()
+        self.decider.serve()
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["report"]  # type: ignore[no-any-return]
+
+    def _control_loop(
+        self, obs: Any, *, episodes: int, max_seconds: float, max_steps: int
+    ) -> ActorReport:
+        t_end = time.monotonic() + max_seconds if max_seconds > 0 else float("inf")
+        next_status = time.monotonic() + self.status_interval_s
         episode_id = self._episode_id(0)
         ep_return, ep_index = 0.0, 0
         self.maybe_swap_weights()
