@@ -28,13 +28,12 @@ from idql_runtime.client import ActionClient
 from idql_runtime.config import Config
 from idql_runtime.engines import build_engine
 from idql_runtime.online import SeqTable, batch_rows
+from idql_runtime.ports import free_port_pair
 from idql_runtime.replay import ReplayStore
 from idql_runtime.transport import ActionServer, ActorLink, LearnerLink
 
 
 def _ports() -> int:
-    from tests.procs import free_port_pair
-
     return free_port_pair()
 
 

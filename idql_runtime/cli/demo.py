@@ -13,28 +13,15 @@ import argparse
 import json
 import os
 import queue
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from idql_runtime.ports import free_port_pair
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-def _free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-        with socket.socket() as b:
-            try:
-                b.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free pair of loopback ports")
 
 
 def _pump(name: str, proc: subprocess.Popen[str], out: queue.Queue[tuple[str, str]]) -> None:
@@ -141,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(cmd, check=True, env=env)
     ckpt = pre_dir / "checkpoints"
 
-    port = _free_port_pair()
+    port = free_port_pair()
     ingest, weights = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"
     print(
         f"== 3/3 online: learner on {ingest} (weights {weights}) + {args.actors} actors, "

@@ -10,6 +10,7 @@ weights in place (``param.copy_``), so compiled code and captured CUDA graphs st
 
 from __future__ import annotations
 
+import abc
 import copy
 import hashlib
 import logging
@@ -151,7 +152,7 @@ def spec_of(agent: Any, batch: int, samples: int, mode: str | None) -> DecisionS
     )
 
 
-class Engine:
+class Engine(abc.ABC):
     """A built decision for static (B, N, T), mode and dtype.
 
     Outputs of ``decide_full`` and ``decide_with_noise`` are fresh CPU tensors: action,
@@ -231,11 +232,11 @@ class Engine:
         }
 
     # ------------------------------------------------------------------ for subclasses
+    @abc.abstractmethod
     def _run(self, obs: Tensor, noise: DecisionNoise | None) -> DecisionOutput:
         """obs: (B, obs_dim) float32 CPU tensor; noise None = draw from ``self.generator``."""
-        raise NotImplementedError
 
-    def _weights_changed(self) -> None:
+    def _weights_changed(self) -> None:  # noqa: B027  (an optional hook, empty by default)
         """Called after ``load_weights`` copied new values into ``self.decision``."""
 
     def _draw_noise(self) -> DecisionNoise:
