@@ -109,9 +109,9 @@ class Actor:
         try:
             self.agent.load_inference_state(tensors, strict=False)
             if hasattr(self.engine, "load_weights"):
-                # the agent (just validated and updated) is the source of truth; engines
-                # that hold their own copy take the full, consistent set
-                self.engine.load_weights(self.agent.inference_state())
+                # only the groups that came (usually target Q and V, ~140k values), not
+                # the whole 1.7M-parameter score network again: this runs between ticks
+                self.engine.load_weights(tensors, partial=True)
         except ValueError as e:
             self.report.weights_refused += 1
             log.warning("refused weights version %d: %s", version, e)

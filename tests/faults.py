@@ -331,10 +331,10 @@ class SlowEngine:
         finally:
             self.deciding = False
 
-    def load_weights(self, tensors: Any) -> None:
+    def load_weights(self, tensors: Any, **kw: Any) -> None:
         self.swaps += 1
         self.mid_decision_swaps += self.deciding
-        self._engine.load_weights(tensors)
+        self._engine.load_weights(tensors, **kw)
 
     def report(self) -> None:
         counts = {"calls": self.calls, "swaps": self.swaps}

@@ -138,6 +138,26 @@ def test_load_weights_matches_fresh_engine_on_new_weights(kind: str) -> None:
     assert after.index.tolist() == fresh.index.tolist()
 
 
+@pytest.mark.parametrize("kind", ["eager", "cpu"])
+def test_partial_load_swaps_only_the_groups_given(kind: str) -> None:
+    """What the online learner broadcasts (target Q and V) swaps in alone: the result
+    equals a fresh engine on the old score network with the new critic."""
+    old, new = _agent(seed=0), _agent(seed=1)
+    eng = build_engine(old, kind=kind, batch=2, samples=32)
+    obs, noise = torch.randn(2, 17), _noise(eng)
+    critic = {k: v for k, v in new.inference_state().items() if k.startswith(("q_target.", "v."))}
+    eng.load_weights(critic, partial=True)
+    mixed = _agent(seed=0)
+    mixed.load_inference_state(critic, strict=False)
+    fresh = build_engine(mixed, kind=kind, batch=2, samples=32).decide_with_noise(obs, noise)
+    after = eng.decide_with_noise(obs, noise)
+    torch.testing.assert_close(after.action, fresh.action, atol=1e-6, rtol=0)
+    torch.testing.assert_close(after.chosen_q, fresh.chosen_q, atol=1e-5, rtol=1e-5)
+    incomplete = {k: v for k, v in critic.items() if k != "v.mlp.0.bias"}
+    with pytest.raises(ValueError, match="missing"):
+        eng.load_weights(incomplete, partial=True)
+
+
 def test_load_weights_rejects_bad_tensors_and_leaves_weights_alone() -> None:
     agent = _agent()
     eng = build_engine(agent, kind="cpu", samples=16)

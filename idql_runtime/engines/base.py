@@ -101,18 +101,25 @@ def decision_state(decision: Decision) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def copy_weights_into(decision: Decision, tensors: dict[str, Tensor]) -> None:
+def copy_weights_into(
+    decision: Decision, tensors: dict[str, Tensor], *, partial: bool = False
+) -> None:
     """Copy ``inference_state``-named tensors into the decision's parameters in place.
 
-    Every score_ema/q_target/v tensor of the decision must be present; unknown names,
-    wrong shapes and non-finite values raise ValueError naming the tensor. Nothing is
-    written unless everything checks out.
+    Every score_ema/q_target/v tensor of the decision must be present; with ``partial``
+    whole groups may be absent (a learner that finetunes only Q and V broadcasts just
+    those), but a group that is present must be complete. Unknown names, wrong shapes
+    and non-finite values raise ValueError naming the tensor. Nothing is written unless
+    everything checks out.
     """
     own = decision_state(decision)
     given = {k: v for k, v in tensors.items() if not k.startswith("gaussian.")}
     unexpected = sorted(set(given) - set(own))
     if unexpected:
         raise ValueError(f"unexpected tensor(s) for a decision engine: {unexpected[:5]}")
+    if partial:
+        present = {k.split(".", 1)[0] for k in given}
+        own = {k: v for k, v in own.items() if k.split(".", 1)[0] in present}
     missing = sorted(set(own) - set(given))
     if missing:
         raise ValueError(f"weights are missing tensor(s): {missing[:5]}")
@@ -202,9 +209,10 @@ class Engine(abc.ABC):
                 raise ValueError(f"noise.{name} has shape {got}, this engine needs {shape}")
         return self._run(self._check_obs(obs), noise)
 
-    def load_weights(self, tensors: dict[str, Tensor]) -> None:
-        """Swap in new ``Agent.inference_state`` tensors between decisions."""
-        copy_weights_into(self.decision, tensors)
+    def load_weights(self, tensors: dict[str, Tensor], *, partial: bool = False) -> None:
+        """Swap in new ``Agent.inference_state`` tensors between decisions (``partial``:
+        only the complete groups given, e.g. target Q and V)."""
+        copy_weights_into(self.decision, tensors, partial=partial)
         self._weights_changed()
 
     def reference(self, obs: Tensor, noise: DecisionNoise) -> DecisionOutput:
