@@ -499,6 +499,7 @@ class ActorLink:
         self._weights_version = -1
         self._connected = False
         self._ever_connected = False
+        self._down_since = math.inf  # monotonic time of the last DISCONNECTED event
         self._flush_requested = False
         self._last_error = ""
         self._stop = threading.Event()
@@ -714,9 +715,19 @@ class ActorLink:
                     self._connected = True
                     if self._ever_connected:
                         self._counts["reconnects"] += 1
+                        # libzmq tears the old pipe down asynchronously after the
+                        # DISCONNECTED event, so a batch sent in that window can go into
+                        # the dying pipe and vanish. Everything sent since the disconnect
+                        # goes again on the new connection (the learner deduplicates on
+                        # (actor_id, seq), so a batch that did get through costs one
+                        # duplicate, never a loss).
+                        for batch in self._unacked.values():
+                            if batch.last_sent is not None and batch.last_sent >= self._down_since:
+                                batch.last_sent = -math.inf
                     self._ever_connected = True
                 elif event == zmq.EVENT_DISCONNECTED:
                     self._connected = False
+                    self._down_since = time.monotonic()
                     # What was in flight on the lost connection may never arrive: resend it
                     # as soon as a new connection is up, not after resend_timeout_s.
                     for batch in self._unacked.values():

