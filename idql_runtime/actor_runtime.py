@@ -153,14 +153,19 @@ class Actor:
         for _ in range(3):  # warm-up: first calls allocate and pick kernels; not on the clock
             self._decide(np.asarray(obs, dtype=np.float32))
         self.rate = RateKeeper(self.rate_hz)
-        budget = {"episodes": episodes, "max_seconds": max_seconds, "max_steps": max_steps}
+
+        def loop() -> ActorReport:
+            return self._control_loop(
+                obs, episodes=episodes, max_seconds=max_seconds, max_steps=max_steps
+            )
+
         if not self.decide_on_main_thread:
-            return self._control_loop(obs, **budget)
+            return loop()
         box: dict[str, Any] = {}
 
         def control() -> None:
             try:
-                box["report"] = self._control_loop(obs, **budget)
+                box["report"] = loop()
             except BaseException as e:  # re-raised on the calling thread
                 box["error"] = e
             finally:

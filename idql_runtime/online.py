@@ -253,12 +253,18 @@ class OnlineLearner:
         last_batch: dict[str, list[int]],
         truncated: list[list[int]],
     ) -> dict[str, Any]:
-        return {
+        meta: dict[str, Any] = {
             "seq_table": table.to_json(),
             "policy_version": self.policy_version,
             "last_batch": last_batch,
             "truncated_episodes": truncated[-MAX_TRUNCATED_RECORDS:],
         }
+        # CURVE key that speaks for each actor_id, committed with the rows it vouched for,
+        # so that a restarted learner cannot be made to accept the id from another key.
+        keys = self.link.actor_keys() if hasattr(self.link, "actor_keys") else {}
+        if keys:
+            meta["actor_keys"] = {str(k): v for k, v in sorted(keys.items())}
+        return meta
 
     def forget_dead_actors(self, dead: Iterable[int]) -> None:
         """Record the open episode of each dead actor as truncated (reliability.md #2).
@@ -501,6 +507,7 @@ def run_online_learner(args: Namespace) -> int:
         curve=curve,
         insecure=args.insecure,
         heartbeat_liveness_s=args.heartbeat_liveness_s,
+        actor_keys=store.commit_meta.get("actor_keys") if curve is not None else None,
     )
     learner = OnlineLearner(
         cfg,

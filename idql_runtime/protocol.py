@@ -68,6 +68,7 @@ E_HASH_MISMATCH = "hash_mismatch"  # weights sha256 does not match the tensors
 E_STALE = "stale"  # request older than the server's max age, or past its deadline
 E_UNSUPPORTED = "unsupported"  # valid message, but not one this endpoint serves
 E_INTERNAL = "internal"  # the server failed (engine error, non-finite engine output)
+E_FORBIDDEN = "forbidden"  # the peer's CURVE key may not speak for this actor_id
 ERROR_CODES = (
     E_MALFORMED,
     E_TOO_LARGE,
@@ -80,6 +81,7 @@ ERROR_CODES = (
     E_STALE,
     E_UNSUPPORTED,
     E_INTERNAL,
+    E_FORBIDDEN,
 )
 
 ACK_STATUSES = ("committed", "duplicate", "rejected")

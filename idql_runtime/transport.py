@@ -26,6 +26,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import stat
 import threading
 import time
@@ -46,6 +47,7 @@ from idql_runtime.protocol import (
     ACK,
     ACTION_REQUEST,
     DEFAULT_LIMITS,
+    E_FORBIDDEN,
     E_INTERNAL,
     E_SCHEMA,
     E_STALE,
@@ -251,6 +253,27 @@ def load_public_key(path: str | os.PathLike) -> bytes:
     """The Z85 public key from a ``*.key`` (or ``*.key_secret``) file."""
     public, _ = zmq.auth.load_certificate(Path(path))
     return public
+
+
+ACTOR_KEY_FILE = re.compile(r"actor-(\d+)\.key")
+"""``authorized/actor-<id>.key``: this public key, and only it, may speak for actor <id>."""
+
+
+def _initial_actor_keys(curve: CurveConfig, persisted: Mapping[Any, str] | None) -> dict[int, str]:
+    """actor_id -> Z85 public key: persisted bindings, overridden by actor-<id>.key files."""
+    keys = {int(k): str(v) for k, v in (persisted or {}).items()}
+    if curve.authorized_keys_dir is not None and Path(curve.authorized_keys_dir).is_dir():
+        for path in sorted(Path(curve.authorized_keys_dir).glob("actor-*.key")):
+            match = ACTOR_KEY_FILE.fullmatch(path.name)
+            if match is None:
+                continue
+            actor_id, key = int(match.group(1)), load_public_key(path).decode("ascii")
+            if keys.get(actor_id, key) != key:
+                log.warning(
+                    "actor %d: %s overrides the key bound to it by an earlier run", actor_id, path
+                )
+            keys[actor_id] = key
+    return keys
 
 
 def _start_authenticator(ctx: zmq.Context, curve: CurveConfig | None) -> ThreadAuthenticator | None:
@@ -967,6 +990,7 @@ class LearnerLink:
         weights_republish_s: float | None = 5.0,
         linger_ms: int = DEFAULT_LINGER_MS,
         hwm: int = DEFAULT_HWM,
+        actor_keys: Mapping[Any, str] | None = None,
     ) -> None:
         check_bind_address(bind_ingest, insecure=insecure, curve=curve)
         check_bind_address(bind_weights, insecure=insecure, curve=curve)
@@ -993,6 +1017,28 @@ class LearnerLink:
         self._last_weights: bytes | None = None
         self._last_publish = 0.0
         self._weights_version: int | None = None
+        self._curve = curve is not None
+        self._actor_keys: dict[int, str] = {}
+        if curve is not None:
+            self._actor_keys = _initial_actor_keys(curve, actor_keys)
+
+    def actor_keys(self) -> dict[int, str]:
+        """actor_id -> the Z85 CURVE public key that speaks for it (empty without CURVE).
+
+        Seeded from ``authorized/actor-<id>.key`` files and from ``actor_keys`` (bindings
+        persisted by an earlier run); any other id is bound to the first key that uses it.
+        The online learner commits this map with every replay commit, so a restart keeps it.
+        """
+        return dict(self._actor_keys)
+
+    def _authorize(self, actor_id: int, user_id: str | None) -> bool:
+        """Whether the connection's CURVE key may speak for ``actor_id`` (binds a new id)."""
+        if not self._curve:
+            return True
+        if not user_id:  # cannot happen on a CURVE socket; refuse rather than trust
+            return False
+        owner = self._actor_keys.setdefault(actor_id, user_id)
+        return owner == user_id
 
     def poll(self, timeout_ms: int = 0, max_messages: int = 1024) -> list[IngestBatch]:
         """Validated transition batches that arrived (waiting up to ``timeout_ms`` for one).
@@ -1002,15 +1048,23 @@ class LearnerLink:
         out: list[IngestBatch] = []
         if self._router.poll(timeout_ms, zmq.POLLIN):
             for _ in range(max_messages):
+                user_id: str | None = None
                 try:
-                    frames = self._router.recv_multipart(zmq.NOBLOCK)
+                    if self._curve:  # the ZAP handler put the peer's public key on each frame
+                        parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        user_id = str(parts[-1].get("User-Id"))
+                        frames = [p.bytes for p in parts]
+                    else:
+                        frames = self._router.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self._handle(frames, out)
+                self._handle(frames, out, user_id)
         self._maybe_republish()
         return out
 
-    def _handle(self, frames: list[bytes], out: list[IngestBatch]) -> None:
+    def _handle(
+        self, frames: list[bytes], out: list[IngestBatch], user_id: str | None = None
+    ) -> None:
         self._counts["received"] += 1
         envelope, payload = frames[:-1], frames[-1]
         now = time.monotonic()
@@ -1020,6 +1074,22 @@ class LearnerLink:
             self._reject(envelope, exc)
             return
         mtype = msg["type"]
+        if mtype in (TRANSITIONS, HEARTBEAT) and not self._authorize(msg["actor_id"], user_id):
+            # Never touch the bound actor's state: its acks must keep going to its own
+            # connection, not to a peer that claims its id.
+            key = (user_id or "")[:8]
+            self._reject(
+                envelope,
+                ProtocolError(
+                    E_FORBIDDEN,
+                    f"actor_id {msg['actor_id']} is bound to another CURVE key; this"
+                    f" connection's key starts {key!r} (bind ids with"
+                    f" authorized/actor-<id>.key, or use a free actor_id)",
+                    actor_id=msg["actor_id"],
+                    seq=msg.get("seq"),
+                ),
+            )
+            return
         if mtype == TRANSITIONS:
             state = self._touch(msg["actor_id"], envelope, now)
             rows = len(msg["episode_ids"])

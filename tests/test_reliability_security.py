@@ -19,7 +19,7 @@ import zmq
 from idql_runtime import protocol as P
 from idql_runtime.checkpoint import sha256_file
 from idql_runtime.client import ActionClient
-from idql_runtime.transport import ActorLink, CurveConfig, generate_keypair
+from idql_runtime.transport import ActorLink, CurveConfig, generate_keypair, load_public_key
 from tests import faults
 from tests.faults import LEARN, final, last
 from tests.procs import Proc, actor, free_port_pair, learner
@@ -241,12 +241,15 @@ def test_12_exposed_binds_refused_unless_insecure(ckpt: Path, tmp_path: Path, re
 def curve_dirs(root: Path) -> dict[str, Path]:
     """The --curve-dir layouts (transport.curve_from_dir): server: server.key_secret +
     authorized/*.key; client: client.key_secret + server.key."""
-    d = {k: root / k for k in ("server", "client", "rogue", "wrong_server", "other")}
+    d = {k: root / k for k in ("server", "client", "rogue", "wrong_server", "other", "peer")}
     server_pub, _ = generate_keypair(d["server"], "server")
     client_pub, client_sec = generate_keypair(d["client"], "client")
     (d["server"] / "authorized").mkdir()
     shutil.copy(client_pub, d["server"] / "authorized" / "client.key")
     shutil.copy(server_pub, d["client"] / "server.key")
+    peer_pub, _ = generate_keypair(d["peer"], "client")  # allow-listed, but not actor 1
+    shutil.copy(peer_pub, d["server"] / "authorized" / "peer.key")
+    shutil.copy(server_pub, d["peer"] / "server.key")
     generate_keypair(d["rogue"], "client")  # a keypair the server does not know
     shutil.copy(server_pub, d["rogue"] / "server.key")
     other_pub, _ = generate_keypair(d["other"], "other")
@@ -311,22 +314,40 @@ def test_13_curve_admits_only_allow_listed_keys(ckpt: Path, tmp_path: Path, reap
             ]
         )
     }
+    # An allow-listed key that claims actor 1, whose id is bound to the client key: its
+    # full-schema transitions must be refused, and acks must keep reaching actor 1.
+    hijacker = ActorLink(
+        endpoint, None, 1, curve=client_curve(d["peer"]), batch_size=1, heartbeat_interval_s=0.1
+    )
     try:
         good.wait_for("actor", lambda s: s["link"]["acked"] > 100 and s["policy_version"] >= 1, 90)
+        acked_before = good.find("actor")[-1]["link"]["acked"]
+        row = {
+            "obs": np.zeros(11, np.float32), "action": np.zeros(3, np.float32),
+            "reward": np.float32(1.0), "next_obs": np.zeros(11, np.float32),
+            "terminated": False, "truncated": False,
+        }  # fmt: skip
         for _ in range(100):
             for link in intruders.values():
                 link.submit({"reward": np.float32(1.0)})
+            hijacker.submit(row, episode_id=7)
             time.sleep(0.02)
         status = lrn.wait_for("learner", since=lrn.count("learner"), timeout_s=30)
+        acked_after = good.wait_for("actor", since=good.count("actor"), timeout_s=30)["link"]
+        assert hijacker.flush(10.0)  # every hijack batch settled: refused, not pending
         intruder_stats = {name: link.stats() for name, link in intruders.items()}
+        hijack_stats = hijacker.stats()
     finally:
-        for link in intruders.values():
+        for link in [*intruders.values(), hijacker]:
             link.close()
     for name, st in intruder_stats.items():  # zero messages through, either way
         assert st["sent"] == 0 and st["acked"] == 0 and st["weights_version"] == -1, (name, st)
         assert not st["connected"], (name, st)
+    assert hijack_stats["acked"] == 0 and hijack_stats["rejected"] == 100, hijack_stats
+    assert "bound to another CURVE key" in hijack_stats["last_error"]
+    assert acked_after["acked"] > acked_before  # actor 1 still gets its acks
     assert set(status["actors"]) == {"1"}  # only the allow-listed actor was ever seen
-    assert status["rejected_messages"] == 0 and status["bad_batches"] == 0
+    assert status["rejected_messages"] >= 100 and status["bad_batches"] == 0
 
     # the action server: allow-listed client served; unknown key and plaintext get nothing
     with ActionClient(
@@ -352,6 +373,9 @@ def test_13_curve_admits_only_allow_listed_keys(ckpt: Path, tmp_path: Path, reap
     for p in (lrn, srv):
         p.signal(signal.SIGTERM)
         assert p.wait(30) == 0, p.stderr()[-1500:]
-    data, _ = faults.read_store(tmp_path / "online.zarr")
+    data, meta = faults.read_store(tmp_path / "online.zarr")
     assert set(np.unique(data["actor_id"]).tolist()) == {1}
-    assert len(data["reward"]) == fin["link_final"]["acked"]
+    assert len(data["reward"]) == fin["link_final"]["acked"]  # no hijacked row got in
+    assert 7 not in data["episode_id"].tolist()
+    client_key = load_public_key(d["client"] / "client.key").decode()
+    assert meta["actor_keys"] == {"1": client_key}  # committed: survives a restart

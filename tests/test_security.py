@@ -22,6 +22,7 @@ from idql_runtime.transport import (
     LearnerLink,
     check_bind_address,
     generate_keypair,
+    load_public_key,
     load_secret_key,
 )
 
@@ -198,3 +199,89 @@ def test_curve_learner_link_admits_only_allow_listed_actors(keys):
         for actor in [good, *rogues]:
             actor.close()
         learner.close()
+
+
+def _second_client(keys, tmp_path, name: str) -> tuple[CurveConfig, str]:
+    """Another allow-listed client keypair (file ``name.key`` in the allow-list)."""
+    pub, sec = generate_keypair(tmp_path / name, name)
+    allowed = keys["server"].authorized_keys_dir
+    (allowed / f"{name}.key").write_bytes(pub.read_bytes())
+    server_pub = keys["client"].server_public_key_file
+    return CurveConfig(sec, server_public_key_file=server_pub), load_public_key(pub).decode()
+
+
+def _drive(learner: LearnerLink, until, timeout_s: float = 5.0) -> list:
+    got = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not until(got):
+        for batch in learner.poll(5):
+            got.append(batch)
+            learner.ack(batch.actor_id, batch.seq, 1)
+    return got
+
+
+@pytest.mark.parametrize("bound_by", ["first_use", "key_file", "persisted"])
+def test_curve_actor_id_speaks_only_with_its_key(keys, tmp_path, bound_by):
+    """An allow-listed key cannot claim an actor_id bound to another key: its batches and
+    heartbeats are refused (error 'forbidden', with the seq so it stops resending), and
+    the owner's acks keep reaching the owner."""
+    other, other_key = _second_client(keys, tmp_path, "other")
+    owner_key = load_public_key(tmp_path / "client" / "client.key").decode()
+    persisted = None
+    if bound_by == "key_file":
+        (keys["server"].authorized_keys_dir / "actor-1.key").write_bytes(
+            (tmp_path / "client" / "client.key").read_bytes()
+        )
+    elif bound_by == "persisted":
+        persisted = {"1": owner_key}
+    learner = LearnerLink("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", curve=keys["server"],
+                          weights_republish_s=None, actor_keys=persisted)  # fmt: skip
+    kw = dict(batch_size=1, heartbeat_interval_s=0.05)
+    owner = ActorLink(learner.ingest_endpoint, None, 1, curve=keys["client"], **kw)
+    thief = ActorLink(learner.ingest_endpoint, None, 1, curve=other, **kw)
+    try:
+        if bound_by == "first_use":  # the owner must speak first
+            owner.submit({"r": np.float32(0.0)})
+            got = _drive(learner, lambda g: owner.stats()["acked"] == 1)
+        else:  # bound before anyone spoke: the thief may even come first
+            got = []
+        for i in range(5):
+            thief.submit({"r": np.float32(100.0 + i)})
+        _drive(learner, lambda g: thief.stats()["pending"] == 0)
+        for i in range(5):
+            owner.submit({"r": np.float32(1.0 + i)})
+        got += _drive(learner, lambda g: owner.stats()["pending"] == 0)
+        owner_stats, thief_stats, link_stats = owner.stats(), thief.stats(), learner.stats()
+        bindings = learner.actor_keys()
+    finally:
+        owner.close()
+        thief.close()
+        learner.close()
+    rewards = sorted(float(b.msg["arrays"]["r"][0]) for b in got)
+    assert rewards == ([0.0] if bound_by == "first_use" else []) + [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert owner_stats["acked"] == len(rewards) and owner_stats["rejected"] == 0
+    assert thief_stats["rejected"] == 5 and thief_stats["acked"] == 0
+    assert "bound to another CURVE key" in thief_stats["last_error"]
+    assert link_stats["rejected_forbidden"] >= 5  # its batches, plus its heartbeats
+    assert bindings == {1: owner_key}
+
+
+def test_curve_free_actor_ids_bind_on_first_use_and_key_files_override(keys, tmp_path):
+    other, other_key = _second_client(keys, tmp_path, "other")
+    owner_key = load_public_key(tmp_path / "client" / "client.key").decode()
+    (keys["server"].authorized_keys_dir / "actor-4.key").write_bytes(
+        (tmp_path / "other" / "other.key").read_bytes()
+    )
+    # a persisted binding of id 4 to the client key is overridden by the actor-4.key file
+    learner = LearnerLink("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", curve=keys["server"],
+                          weights_republish_s=None, actor_keys={"4": owner_key, "9": "x" * 40})  # fmt: skip
+    try:
+        assert learner.actor_keys() == {4: other_key, 9: "x" * 40}
+    finally:
+        learner.close()
+    plain = LearnerLink("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", weights_republish_s=None,
+                        actor_keys={"4": owner_key})  # fmt: skip
+    try:
+        assert plain.actor_keys() == {}  # no CURVE, no identities to bind
+    finally:
+        plain.close()
