@@ -51,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="torch device for the engine")
     p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="engine precision; auto: bfloat16 where the engine and hardware support it and"
+        " it passes the precision check on these weights and states the float32 policy"
+        " visits (engines/precision.py), else float32",
+    )
+    p.add_argument(
+        "--calibration-states",
+        type=int,
+        default=256,
+        help="--dtype auto: states (float32 policy rollout) the precision check runs on",
+    )
+    p.add_argument(
         "--episodes", type=int, default=0, help="stop after this many episodes (0 = no limit)"
     )
     p.add_argument(
@@ -110,17 +124,56 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     ckpt = load_checkpoint(args.checkpoint, with_train_state=False)
     agent = restore_agent(ckpt, args.device, optimisers=False)
     batch = args.max_batch if args.serve else 1
-    engine = build_engine(
-        agent,
-        kind=args.engine,
-        batch=batch,
-        samples=args.samples or agent.cfg.policy.samples,
-        mode=args.mode or agent.cfg.policy.mode,
-        device=args.device,
-        seed=args.seed,
-    )
-    logging.getLogger("idql-actor").info("engine: %s", engine.name)
+
+    def build(dtype: str) -> Any:
+        return build_engine(
+            agent,
+            kind=args.engine,
+            batch=batch,
+            samples=args.samples or agent.cfg.policy.samples,
+            mode=args.mode or agent.cfg.policy.mode,
+            dtype=dtype,
+            device=args.device,
+            seed=args.seed,
+        )
+
+    log = logging.getLogger("idql-actor")
+    if args.dtype != "auto":
+        engine = build(args.dtype)
+    else:
+        engine = _auto_precision(args, build, ckpt.meta)
+    log.info("engine: %s (%s)", engine.name, engine.describe()["dtype"])
     return agent, engine, ckpt.meta
+
+
+def _auto_precision(args: argparse.Namespace, build: Any, meta: dict[str, Any]) -> Any:
+    """--dtype auto: try the reduced precision on states the float32 policy visits."""
+    from idql_runtime.engines import resolve_kind
+    from idql_runtime.engines.precision import reduced_dtype_for, rollout_states, select_precision
+
+    log = logging.getLogger("idql-actor")
+    engine32 = build("float32")
+    reduced = reduced_dtype_for(resolve_kind(args.engine, args.device), args.device)
+    env_id = args.env or meta.get("env_id")
+    states = None
+    if reduced is not None and env_id:
+        b = engine32.spec.batch
+
+        def policy(obs: Any) -> Any:
+            return engine32.decide(np.repeat(obs[None], b, axis=0))[0]
+
+        states = rollout_states(env_id, policy, args.calibration_states, seed=args.seed)
+    engine = select_precision(build, reduced, states, fallback=engine32, seed=args.seed)
+    record = engine.info["precision"]
+    tried = record.get("tried", {})
+    measured = (
+        f"; {reduced} on {tried['states']} states: regret p99 {tried['regret_p99']:.4f},"
+        f" action error p99 {tried['action_err_p99']:.4f}, same pick {tried['same_pick']:.3f}"
+        if tried
+        else ""
+    )
+    log.info("--dtype auto: %s (%s)%s", record["chosen"], record["why"], measured)
+    return engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +252,8 @@ def act(args: argparse.Namespace, agent: Any, engine: Any, meta: dict[str, Any])
             "weights_refused": report.weights_refused,
             "flushed": flushed,
             "engine": engine.name,
+            "dtype": engine.describe()["dtype"],
+            "precision": engine.info.get("precision"),
         }
     }
     if link:

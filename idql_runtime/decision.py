@@ -127,6 +127,19 @@ class Decision(nn.Module):
 
     def forward(self, obs: Tensor, x_init: Tensor, step_noise: Tensor, u: Tensor) -> DecisionOutput:
         b, n, a = x_init.shape
+        x, q = self.candidates(obs, x_init, step_noise)
+        v = self.v(obs)  # (B,)
+
+        idx = select_index(q, v, u, self.mode, self.value_loss, self.tau, self.alpha)
+        action = torch.gather(x, 1, idx.view(b, 1, 1).expand(b, 1, a)).squeeze(1)
+        chosen_q = torch.gather(q, 1, idx.view(b, 1)).squeeze(1)
+        spread = q.amax(dim=-1) - q.amin(dim=-1)
+        return DecisionOutput(action, chosen_q, v, spread, idx)
+
+    def candidates(self, obs: Tensor, x_init: Tensor, step_noise: Tensor) -> tuple[Tensor, Tensor]:
+        """Every candidate and its critic score: x (B, N, A) after T reverse steps, and
+        q (B, N), the min over target-Q heads. ``forward`` selects among them."""
+        b, n, a = x_init.shape
         w_a, w_o, _ = self.score.split_input_weight()
         obs_share = (obs @ w_o.T + self.score.inp.bias).unsqueeze(1)  # (B, 1, H)
         time_share = self.time_shares(obs.dtype, obs.device)  # (T, H)
@@ -145,13 +158,7 @@ class Decision(nn.Module):
         for layer in self.q.layers[1:-1]:
             h = torch.relu(layer(h))
         q = self.q.layers[-1](h).squeeze(-1).amin(dim=0).reshape(b, n)  # (B, N)
-        v = self.v(obs)  # (B,)
-
-        idx = select_index(q, v, u, self.mode, self.value_loss, self.tau, self.alpha)
-        action = torch.gather(x, 1, idx.view(b, 1, 1).expand(b, 1, a)).squeeze(1)
-        chosen_q = torch.gather(q, 1, idx.view(b, 1)).squeeze(1)
-        spread = q.amax(dim=-1) - q.amin(dim=-1)
-        return DecisionOutput(action, chosen_q, v, spread, idx)
+        return x, q
 
     def _step(
         self,

@@ -1,0 +1,175 @@
+"""Is a reduced-precision engine good enough on *these* weights? Measure it, then decide.
+
+Rounding in bf16 block products perturbs every candidate through T reverse steps and the
+critic, so whether bf16 is safe depends on the trained weights, not on a fixed tolerance
+checked once on random ones. ``precision_report`` runs an engine and the float64 naive
+reference (``Decision.candidates`` on a float64 copy of the same weights) on the same
+observations and noise, and measures what matters for control:
+
+- ``regret``: how much worse, under the float64 critic, the engine's pick is than the best
+  candidate, as a fraction of that state's Q spread (max - min over the N candidates);
+  0 when it picks the reference's best; 1 when it picks the worst.
+- ``action_err``: max |a_engine - a_reference| over action dims for the candidate it
+  picked: how far its rounding moved the executed action.
+- ``same_pick``: the fraction of states where it picked the reference's candidate (for
+  ``implicit`` mode: the reference's draw with the same uniform).
+
+``precision_ok`` applies the limits (``PRECISION_LIMITS``): the engine may pick a
+different candidate where Q values nearly tie, but the value it gives up and the distance
+it moves the action must stay small at the 99th percentile.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+
+from idql_runtime.decision import DecisionNoise, select_index
+
+PRECISION_LIMITS = {"regret_p99": 0.05, "action_err_p99": 0.05}
+"""Accept a reduced-precision engine only when, at the 99th percentile over calibration
+states, it gives up at most 5 % of the state's Q spread and moves the executed action by
+at most 0.05 (actions live in [-1, 1])."""
+
+
+def precision_report(engine: Any, obs: np.ndarray, *, seed: int = 0) -> dict[str, Any]:
+    """Metrics of ``engine`` against the float64 reference on ``obs`` (M, obs_dim).
+
+    ``engine`` is any built Engine; its own float32 master copy of the weights
+    (``engine.decision``) gives the float64 reference. M need not be a multiple of the
+    engine's batch (the last chunk is padded with repeats, which are not counted).
+    """
+    spec = engine.spec
+    obs = np.asarray(obs, np.float32).reshape(-1, spec.obs_dim)
+    m = len(obs)
+    if m == 0:
+        raise ValueError("precision_report needs at least one observation")
+    d64 = copy.deepcopy(engine.decision).to("cpu", torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    regret, action_err, same = [], [], []
+    for start in range(0, m, spec.batch):
+        chunk = obs[start : start + spec.batch]
+        k = len(chunk)
+        if k < spec.batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], spec.batch - k, axis=0)])
+        noise = DecisionNoise.draw(spec, generator=gen)
+        out = engine.decide_with_noise(chunk, noise)
+        with torch.no_grad():
+            o64 = torch.as_tensor(chunk, dtype=torch.float64)
+            n64 = DecisionNoise(*(t.to(torch.float64) for t in noise))
+            x_ref, q_ref = d64.candidates(o64, n64.x_init, n64.step_noise)
+            v_ref = d64.v(o64)
+            ref_idx = select_index(
+                q_ref, v_ref, n64.u, d64.mode, d64.value_loss, d64.tau, d64.alpha
+            )
+        idx = out.index.to(torch.int64)
+        rows = torch.arange(spec.batch)
+        best = q_ref.amax(dim=-1)
+        spread = (best - q_ref.amin(dim=-1)).clamp_min(1e-12)
+        r = (best - q_ref[rows, idx]) / spread
+        err = (out.action.to(torch.float64) - x_ref[rows, idx]).abs().amax(dim=-1)
+        regret.append(r[:k].numpy())
+        action_err.append(err[:k].numpy())
+        same.append((idx == ref_idx)[:k].numpy())
+    reg, aerr, sm = np.concatenate(regret), np.concatenate(action_err), np.concatenate(same)
+    return {
+        "engine": engine.name,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "states": int(m),
+        "samples": int(spec.samples),
+        "same_pick": float(sm.mean()),
+        "regret_mean": float(reg.mean()),
+        "regret_p99": float(np.quantile(reg, 0.99)),
+        "regret_max": float(reg.max()),
+        "action_err_mean": float(aerr.mean()),
+        "action_err_p99": float(np.quantile(aerr, 0.99)),
+        "action_err_max": float(aerr.max()),
+    }
+
+
+def precision_ok(
+    report: dict[str, Any], limits: dict[str, float] | None = None
+) -> tuple[bool, str]:
+    """(passed, reason naming the first metric over its limit, or 'within limits')."""
+    for key, limit in (limits or PRECISION_LIMITS).items():
+        if report[key] > limit:
+            return False, f"{key} = {report[key]:.4g} > {limit}"
+    return True, "within limits"
+
+
+def reduced_dtype_for(kind: str, device: str | torch.device) -> str | None:
+    """The reduced precision worth trying for an engine kind on this machine, or None.
+
+    cpu: bfloat16 when oneDNN has native bf16 kernels here (avx512_bf16 / AMX); GPU engines:
+    bfloat16 when the GPU supports it. The eager engine (autocast) is not faster in bf16 on
+    a CPU, so it stays float32.
+    """
+    dev = torch.device(device)
+    if dev.type == "cpu" and kind == "cpu":
+        try:
+            supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            supported = False
+        return "bfloat16" if supported else None
+    if dev.type == "cuda" and kind in ("cuda_graph", "compiled", "triton"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else None
+    return None
+
+
+def rollout_states(env_id: str, policy: Any, count: int, *, seed: int = 0) -> np.ndarray:
+    """``count`` observations visited by ``policy`` (obs -> action) in a fresh ``env_id``
+    instance (resets on episode end): the states a deployed policy actually meets."""
+    from idql_runtime.envs import make_env
+
+    env = make_env(env_id)
+    try:
+        obs, _ = env.reset(seed=seed)
+        states = []
+        while len(states) < count:
+            states.append(np.asarray(obs, np.float32))
+            obs, _, terminated, truncated, _ = env.step(policy(states[-1]))
+            if terminated or truncated:
+                obs, _ = env.reset()
+        return np.stack(states)
+    finally:
+        env.close()
+
+
+def select_precision(
+    build: Any,
+    reduced: str | None,
+    states: np.ndarray | None,
+    *,
+    fallback: Any = None,
+    limits: dict[str, float] | None = None,
+    seed: int = 0,
+) -> Any:
+    """The reduced-precision engine if it passes ``precision_ok`` on ``states``, else float32.
+
+    ``build(dtype)`` builds an engine; ``fallback`` is an already-built float32 engine (used
+    as is when the reduced one fails, or when there is no reduced dtype or no states).
+    The chosen engine's ``info["precision"]`` records the decision and its measurements.
+    """
+    engine32 = fallback if fallback is not None else None
+    if reduced is None or states is None or len(states) == 0:
+        why = (
+            "no reduced precision on this engine/machine"
+            if reduced is None
+            else ("no calibration states")
+        )
+        engine32 = engine32 or build("float32")
+        engine32.info["precision"] = {"chosen": "float32", "why": why}
+        return engine32
+    engine = build(reduced)
+    report = precision_report(engine, states, seed=seed)
+    ok, why = precision_ok(report, limits)
+    record = {"chosen": reduced if ok else "float32", "why": why, "tried": report}
+    if ok:
+        engine.info["precision"] = record
+        return engine
+    engine32 = engine32 or build("float32")
+    engine32.info["precision"] = record
+    return engine32

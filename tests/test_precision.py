@@ -1,0 +1,161 @@
+"""engines.precision: the reduced-precision check against the float64 reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from idql_runtime.decision import DecisionNoise, DecisionOutput
+from idql_runtime.engines import build_engine
+from idql_runtime.engines.base import Engine
+from idql_runtime.engines.precision import (
+    PRECISION_LIMITS,
+    precision_ok,
+    precision_report,
+    reduced_dtype_for,
+    select_precision,
+)
+from tests.procs import actor, pretrained_checkpoint
+from tests.test_engines import Reference, _agent
+
+
+class WorstPick(Engine):
+    """Picks the float64 reference's *worst* candidate and returns its exact action:
+    regret is then exactly 1 in every state, the action error exactly 0."""
+
+    name = "worst"
+
+    def _run(self, obs: torch.Tensor, noise: DecisionNoise | None) -> DecisionOutput:
+        assert noise is not None
+        ref = Reference(self, obs, noise)
+        d64 = ref.out
+        idx = ref.q.argmin(dim=-1)
+        rows = torch.arange(obs.shape[0])
+        x, _ = self.decision.to(torch.float64).candidates(
+            obs.double(), noise.x_init.double(), noise.step_noise.double()
+        )
+        self.decision.to(torch.float32)
+        return DecisionOutput(
+            x[rows, idx].float(), ref.q[rows, idx].float(), d64.value.float(),
+            (ref.q.amax(-1) - ref.q.amin(-1)).float(), idx,
+        )  # fmt: skip
+
+
+def _obs(m: int, d: int = 17, seed: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((m, d)).astype(np.float32)
+
+
+def test_candidates_are_the_naive_references_candidates():
+    engine = build_engine(_agent(0, tiny=True), kind="eager", batch=2, samples=8)
+    obs = torch.as_tensor(_obs(2))
+    noise = DecisionNoise.draw(engine.spec, generator=torch.Generator().manual_seed(1))
+    ref = Reference(engine, obs, noise)  # naive float64 sampler + full Q forward
+    d64 = engine.decision.to(torch.float64)
+    with torch.no_grad():
+        x, q = d64.candidates(obs.double(), noise.x_init.double(), noise.step_noise.double())
+    torch.testing.assert_close(q, ref.q, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x[torch.arange(2), ref.out.index], ref.out.action)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_float32_cpu_engine_has_no_regret(batch):
+    engine = build_engine(_agent(0, tiny=True), kind="cpu", batch=batch, samples=16)
+    rep = precision_report(engine, _obs(10), seed=0)  # 10 states: last chunk padded for B=3
+    assert rep["states"] == 10
+    assert rep["regret_max"] <= 1e-4 and rep["action_err_max"] <= 1e-4
+    assert rep["same_pick"] >= 0.9  # a different pick only on a float32 near-tie
+    assert precision_ok(rep) == (True, "within limits")
+
+
+def test_worst_pick_has_regret_one_and_fails():
+    agent = _agent(1, tiny=True)
+    spec = build_engine(agent, kind="eager", batch=2, samples=8).spec
+    engine = WorstPick(agent, spec)
+    rep = precision_report(engine, _obs(6), seed=0)
+    assert rep["regret_mean"] == pytest.approx(1.0, abs=1e-12)
+    assert rep["regret_p99"] == pytest.approx(1.0, abs=1e-12)
+    assert rep["action_err_max"] <= 1e-6 and rep["same_pick"] == 0.0
+    ok, why = precision_ok(rep)
+    assert not ok and why.startswith("regret_p99 = 1 > 0.05")
+
+
+def test_limits_name_the_failing_metric():
+    rep = {"regret_p99": 0.01, "action_err_p99": 0.2}
+    assert precision_ok(rep) == (False, "action_err_p99 = 0.2 > 0.05")
+    assert precision_ok(rep, {"regret_p99": 0.5}) == (True, "within limits")
+
+
+def test_needs_states():
+    engine = build_engine(_agent(0, tiny=True), kind="eager", batch=1, samples=4)
+    with pytest.raises(ValueError, match="at least one observation"):
+        precision_report(engine, np.zeros((0, 17), np.float32))
+
+
+# ------------------------------------------------------------------ choosing a precision
+
+
+def test_select_precision_keeps_reduced_only_when_it_passes():
+    agent = _agent(2, tiny=True)
+    good = {"float32": build_engine(agent, kind="cpu", batch=1, samples=8)}
+    spec = good["float32"].spec
+    states = _obs(8)
+
+    # A "reduced" engine that is exactly as good as float32: kept.
+    chosen = select_precision(
+        lambda dtype: build_engine(agent, kind="cpu", batch=1, samples=8), "bfloat16", states
+    )
+    assert chosen.info["precision"]["chosen"] == "bfloat16"
+    assert chosen.info["precision"]["why"] == "within limits"
+
+    # One that picks the worst candidate: refused, the float32 fallback is returned.
+    def build(dtype):
+        return WorstPick(agent, spec) if dtype == "bfloat16" else good["float32"]
+
+    chosen = select_precision(build, "bfloat16", states, fallback=good["float32"])
+    assert chosen is good["float32"]
+    record = chosen.info["precision"]
+    assert record["chosen"] == "float32" and record["why"].startswith("regret_p99 = 1 >")
+    assert record["tried"]["regret_mean"] == pytest.approx(1.0, abs=1e-12)
+
+    # Nothing to try, or nothing to try it on: float32 without measuring.
+    for reduced, s, why in [
+        (None, states, "no reduced precision"),
+        ("bfloat16", None, "no calibration"),
+    ]:
+        chosen = select_precision(
+            lambda dtype: build_engine(agent, kind="cpu", samples=8), reduced, s
+        )
+        assert chosen.dtype == torch.float32 and chosen.info["precision"]["why"].startswith(why)
+
+
+def test_reduced_dtype_only_where_it_can_pay():
+    assert reduced_dtype_for("eager", "cpu") is None  # autocast bf16 is no faster on a CPU
+    assert reduced_dtype_for("cuda_graph", "cpu") is None
+    have_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert reduced_dtype_for("cpu", "cpu") == ("bfloat16" if have_bf16 else None)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(hopper_store_path, tmp_path_factory):
+    return pretrained_checkpoint(hopper_store_path, tmp_path_factory.mktemp("pre"))
+
+
+def test_actor_dtype_auto_decides_by_the_measured_check(tiny_ckpt, tmp_path):
+    """idql-actor --dtype auto: the precision it runs is the one its own measurement on
+    the float32 policy's states allows (a real process, a real MuJoCo env)."""
+    p = actor(tmp_path, tiny_ckpt, None, 0, "--engine", "cpu", "--dtype", "auto",
+              "--calibration-states", "24", "--episodes", "1", "--rate-hz", "0")  # fmt: skip
+    assert p.wait(120) == 0, p.stderr()[-2000:]
+    final = p.find("actor_final")[0]
+    record = final["precision"]
+    reduced = reduced_dtype_for("cpu", "cpu")
+    if reduced is None:
+        assert record["chosen"] == "float32" and "tried" not in record
+    else:
+        tried = record["tried"]
+        assert tried["states"] == 24 and tried["dtype"] == reduced
+        passes = all(tried[k] <= v for k, v in PRECISION_LIMITS.items())
+        assert record["chosen"] == (reduced if passes else "float32")
+    assert final["dtype"] == record["chosen"]
+    assert "--dtype auto: " + record["chosen"] in p.stderr()
