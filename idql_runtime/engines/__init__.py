@@ -1,4 +1,5 @@
-"""Decision engines: one interface, several backends (eager, cpu, cuda_graph, compiled, tensorrt).
+"""Decision engines: one interface, several backends (eager, cpu, cuda_graph, compiled, tensorrt,
+triton).
 
     engine = build_engine(agent, kind="auto", batch=1, samples=64, device="cpu")
     action = engine.decide(obs)             # (B, obs_dim) float32 -> (B, act_dim) float32
@@ -21,12 +22,14 @@ from idql_runtime.engines.base import Engine, EngineUnavailable, parse_dtype, sp
 
 log = logging.getLogger("idql_runtime.engines")
 
-KINDS = ("eager", "cpu", "cuda_graph", "compiled", "tensorrt")
+KINDS = ("eager", "cpu", "cuda_graph", "compiled", "tensorrt", "triton")
 
 # Fastest first among engines that build in about a second (docs/engines.md has the
 # numbers): "compiled" is faster still on the GPU (bf16: ~370 vs ~640 us at N=128 on an
 # H200) but costs minutes of autotuning per shape, and "tensorrt" was never measured here,
-# so neither outranks cuda_graph; ask for them by name.
+# so neither outranks cuda_graph; ask for them by name. "triton" (two fused kernels in a CUDA
+# graph) is not listed either: its GPU speed and GPU correctness are unmeasured so far
+# (docs/engines.md); add it here once a GPU run shows it beats cuda_graph and passes parity.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "eager"),
     "cuda": ("cuda_graph", "tensorrt", "eager"),
@@ -45,16 +48,24 @@ def _tensorrt_ok() -> bool:
     return _cuda_ok() and tensorrt_status() is None
 
 
+def _triton_ok(device: torch.device) -> bool:
+    from idql_runtime.engines.triton_fused import triton_status
+
+    return triton_status(device) is None
+
+
 def available_engines(device: str | torch.device = "cpu") -> list[str]:
-    """Engine kinds that can be built on ``device`` in this process."""
+    """Engine kinds that can be built on ``device`` in this process ("triton" on the CPU
+    only under TRITON_INTERPRET=1, Triton's interpreter, which is for tests)."""
     dev = torch.device(device)
     if dev.type == "cpu":
-        return ["eager", "cpu", "compiled"]
+        return ["eager", "cpu", "compiled"] + (["triton"] if _triton_ok(dev) else [])
     if dev.type == "cuda":
         if not _cuda_ok():
             return []
         out = ["eager", "cuda_graph", "compiled"]
-        return out + (["tensorrt"] if _tensorrt_ok() else [])
+        out += ["tensorrt"] if _tensorrt_ok() else []
+        return out + (["triton"] if _triton_ok(dev) else [])
     return ["eager"]
 
 
@@ -79,6 +90,10 @@ def _factory(kind: str) -> Callable[..., Engine]:
         from idql_runtime.engines.tensorrt import TensorRTEngine
 
         return TensorRTEngine
+    if kind == "triton":
+        from idql_runtime.engines.triton_fused import TritonEngine
+
+        return TritonEngine
     raise ValueError(f"unknown engine kind {kind!r}; choose from {('auto', *KINDS)}")
 
 

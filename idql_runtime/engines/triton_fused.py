@@ -1,0 +1,627 @@
+"""The "triton" engine: the whole decision in two fused Triton kernels.
+
+Why: on an H100 the other GPU engines are bound by kernel launches, not math (cuda_graph
+~711 us, compiled + graph bf16 ~362 us at N = 128, B = 1, with ~60-160 small kernels per
+decision). Candidate rows are independent through all T reverse steps and through the
+critic; only the selection mixes rows. So (``engines/triton_kernels.py``):
+
+1. ``decide_kernel``, one program per BLOCK_M candidate rows (B*N rows in all): the
+   observation's share of the input projection, then every reverse step (input
+   projection, LN-ResNet blocks with the 4x-wide hidden layer kept in registers chunk by
+   chunk, output layer, DDPM update with the given noise, clipping), then the Q ensemble
+   on the final candidates with the min over heads. Writes x (B*N, A) and q (B*N,).
+2. ``select_kernel``, one program per 16 states: V(obs), argmax or the implicit-policy
+   draw, the gather, the packed output row.
+
+Weights are packed once (and on ``load_weights``, in place) into padded contiguous
+buffers; float32 runs ``tl.dot`` in IEEE float32 (``input_precision="tf32"`` is an
+option); bfloat16/float16 store the big products' weights (block fc1/fc2, the middle
+layers of Q and V) in that dtype and accumulate in float32; the residual stream, LayerNorm,
+the small layers and the reverse update stay float32. On CUDA the launches (noise draws
++ the two kernels) are captured in a CUDA graph, so a decision is one replay.
+
+On the CPU the engine exists only for tests: with TRITON_INTERPRET=1 the same kernels run
+in Triton's interpreter (numpy). Its speed there means nothing; GPU speed and GPU
+correctness were not measured when this was written (docs/engines.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from idql_runtime.decision import Decision, DecisionNoise, DecisionOutput, DecisionSpec
+from idql_runtime.engines.base import Engine, EngineUnavailable, dtype_name
+
+_WARMUP_CALLS = 2
+_KERNELS: dict[bool, ModuleType] = {}
+_ACT_TYPES = {nn.SiLU: "swish", nn.Mish: "mish", nn.ReLU: "relu"}
+
+
+def interpret_requested() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's CPU interpreter (as triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def triton_status(device: str | torch.device) -> str | None:
+    """None when the triton engine can run on ``device`` here, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return (
+            f"triton is not importable ({e}); CUDA torch wheels ship it, on a CPU-only "
+            "install `pip install --no-deps triton` (scripts/install.sh dev does)"
+        )
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA GPU visible to torch (torch.cuda.is_available() is False)"
+        if _triton_imported_interpreted():
+            return (
+                "triton was imported with TRITON_INTERPRET=1 in this process, so its "
+                "kernels cannot compile for the GPU here; unset it and restart"
+            )
+        return None
+    if dev.type == "cpu":
+        if not interpret_requested():
+            return (
+                "on the CPU it runs only under Triton's interpreter, for tests: set "
+                "TRITON_INTERPRET=1 (slow), or build it with device='cuda'"
+            )
+        return None
+    return f"it runs on CUDA (or on the CPU under TRITON_INTERPRET=1), not on {dev}"
+
+
+def _triton_imported_interpreted() -> bool:
+    """Whether ``import triton`` ran under TRITON_INTERPRET=1: then Triton's own library
+    functions (tl.sum, tl.sigmoid, ...) are interpreter objects and nothing compiles."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(tl.standard.sum, JITFunction)
+
+
+@contextmanager
+def interpretable_triton_library() -> Iterator[None]:
+    """Let interpreted kernels call Triton's library in a process that imported triton
+    for compilation.
+
+    ``import triton`` decorates its own library (tl.sum, tl.zeros, tl.sigmoid, tl.argmax,
+    ...) once, compiled or interpreted after TRITON_INTERPRET at that moment, and the
+    interpreter cannot call the compiled kind. While this is active those attributes of
+    ``triton.language.*`` are interpreter wrappers of the same functions; on exit the
+    originals are back. Process-wide while active: for the CPU interpreter (tests) only.
+    """
+    import sys
+
+    import triton.runtime.interpreter as interp
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    # The interpreter patches triton.language while it runs; a kernel's own patches are
+    # undone when it returns, but those of the jit functions it calls are not (harmless
+    # in a process that only interprets, fatal for later GPU compilation in this one).
+    # Record the first original of everything patched and put it back on exit.
+    patch_lang = getattr(interp, "_patch_lang", None)
+    missing = getattr(interp, "_MISSING", object())
+    originals: dict[tuple[int, str], tuple[Any, str, Any]] = {}
+
+    def recording_patch_lang(fn: Any) -> Any:
+        assert patch_lang is not None
+        scope = patch_lang(fn)
+        for obj, attr, original in getattr(scope, "_changes", ()):
+            originals.setdefault((id(obj), attr), (obj, attr, original))
+        return scope
+
+    swapped: list[tuple[ModuleType, str, Any]] = []
+    try:
+        if patch_lang is not None:
+            interp._patch_lang = recording_patch_lang
+        for name, mod in list(sys.modules.items()):
+            if mod is None or not name.startswith("triton.language"):
+                continue
+            for attr, val in list(vars(mod).items()):
+                if isinstance(val, JITFunction):
+                    swapped.append((mod, attr, val))
+                    if id(val) not in _INTERPRETED:  # by id: hashing a JITFunction parses it
+                        _INTERPRETED[id(val)] = (val, InterpretedFunction(val.fn))
+                    setattr(mod, attr, _INTERPRETED[id(val)][1])
+        yield
+    finally:
+        if patch_lang is not None:
+            interp._patch_lang = patch_lang
+        for obj, attr, original in originals.values():
+            if original is missing:
+                if attr in vars(obj):
+                    delattr(obj, attr)
+            else:
+                setattr(obj, attr, original)
+        for mod, attr, val in reversed(swapped):
+            setattr(mod, attr, val)
+
+
+_INTERPRETED: dict[int, tuple[Any, Any]] = {}  # id -> (JITFunction kept alive, wrapper)
+
+
+def load_kernels(interpret: bool) -> ModuleType:
+    """The kernel module, compiled by ``triton.jit`` or run by Triton's interpreter.
+
+    The interpreted copy is the same file loaded a second time with ``INTERPRET`` set, so
+    the choice is per engine and TRITON_INTERPRET is never changed for the process.
+    """
+    if interpret not in _KERNELS:
+        if not interpret:
+            from idql_runtime.engines import triton_kernels
+
+            _KERNELS[False] = triton_kernels
+        else:
+            path = Path(__file__).with_name("triton_kernels.py")
+            spec = importlib.util.spec_from_file_location(
+                "idql_runtime.engines._triton_kernels_interpreted", path
+            )
+            assert spec is not None and spec.loader is not None
+            mod = importlib.util.module_from_spec(spec)
+            mod.INTERPRET = True  # type: ignore[attr-defined]
+            spec.loader.exec_module(mod)
+            _KERNELS[True] = mod
+    return _KERNELS[interpret]
+
+
+def _p2(n: int, lo: int = 16) -> int:
+    """The padded size of a dimension: a power of two, at least ``lo`` (tl.dot needs 16)."""
+    p = 1
+    while p < n:
+        p *= 2
+    return max(lo, p)
+
+
+def _pow2_option(name: str, value: int) -> int:
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    return value
+
+
+class TritonEngine(Engine):
+    """The decision as two Triton kernels (CUDA graph around them on a GPU).
+
+    Options: ``block_m`` candidate rows per program (16), ``hidden_chunk`` columns of the
+    4x-wide block layer per inner step (64 for bf16/fp16, 32 for float32),
+    ``num_warps`` (8: ptxas for sm_90 reports no spills at block_m 16 with 8, 3.7 kB of
+    spills with 4 at v2 sizes), ``num_stages`` (Triton's default), ``input_precision`` of the
+    float32 products ("ieee" default, or "tf32").
+    """
+
+    name = "triton"
+
+    def __init__(
+        self,
+        agent: Any,
+        spec: DecisionSpec,
+        *,
+        block_m: int = 16,
+        hidden_chunk: int | None = None,
+        num_warps: int = 8,
+        num_stages: int | None = None,
+        input_precision: str = "ieee",
+        **kw: Any,
+    ) -> None:
+        device = torch.device(kw.get("device", "cpu"))
+        why = triton_status(device)
+        if why is not None:
+            raise EngineUnavailable(f"the triton engine cannot run here: {why}")
+        if device.type == "cuda" and device.index is None:
+            kw["device"] = torch.device("cuda", torch.cuda.current_device())
+        super().__init__(agent, spec, **kw)
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"the triton engine runs float32, bfloat16 or float16, not {self.dtype}"
+            )
+        if input_precision not in ("ieee", "tf32"):
+            raise ValueError(f"input_precision must be 'ieee' or 'tf32', got {input_precision!r}")
+        self.interpret = self.device.type == "cpu"
+        self._k = load_kernels(self.interpret)
+        self._lowp = self.dtype != torch.float32
+        self._block_m = _pow2_option("block_m", block_m)
+        chunk = hidden_chunk if hidden_chunk is not None else (64 if self._lowp else 32)
+        self._chunk = _pow2_option("hidden_chunk", chunk)
+        self._opts: dict[str, int] = {"num_warps": num_warps}
+        if num_stages is not None:
+            self._opts["num_stages"] = num_stages
+        self._prec = input_precision
+        self._consts = self._structure()
+        self._bufs: dict[str, Tensor] = {}
+        self._pack()
+        s, dev = self.spec, self.device
+        rows = s.batch * s.samples
+        self._x = torch.zeros(rows, s.act_dim, device=dev)
+        self._q = torch.zeros(rows, device=dev)
+        self._cols = s.act_dim + 4  # action | chosen_q | value | adv_spread | index
+        self._out = torch.zeros(s.batch, self._cols, device=dev)
+        self._drawn: DecisionNoise | None = None
+        self.info.update(
+            kernels=2,
+            block_m=self._block_m,
+            hidden_chunk=self._consts["FC"],
+            num_warps=num_warps,
+            num_stages=num_stages,
+            precision=(
+                f"{dtype_name(self.dtype)} block/Q/V products, float32 accumulate"
+                if self._lowp
+                else f"float32 ({self._prec})"
+            ),
+            interpret=self.interpret,
+        )
+        if self.device.type == "cuda":
+            self._obs = torch.zeros(s.batch, s.obs_dim, device=dev)
+            self._obs_host = torch.zeros(s.batch, s.obs_dim).pin_memory()
+            self._out_host = torch.zeros(s.batch, self._cols).pin_memory()
+            self._noise_in = DecisionNoise.draw(spec, device=dev)
+            self._graph_rng = self._capture(self._body_rng, register_rng=True)
+            self._graph_given: torch.cuda.CUDAGraph | None = None
+            self.info.update(
+                rng="torch philox inside the graph (private generator)",
+                card=torch.cuda.get_device_name(dev),
+            )
+        else:
+            self.info.update(rng="private generator", note="Triton interpreter: tests only")
+
+    # ------------------------------------------------------------------ structure
+    def _structure(self) -> dict[str, Any]:
+        """Check that the networks are what the kernels compute; the static kernel dims."""
+        d: Decision = self.decision
+        score: Any = d.score
+        q: Any = d.q
+        v: Any = d.v
+        s = self.spec
+
+        def unsupported(option: str, what: str) -> EngineUnavailable:
+            return EngineUnavailable(f"the triton engine does not support {option} ({what})")
+
+        acts = {type(b.act) for b in score.blocks} | {type(score.act)}
+        if len(acts) != 1 or next(iter(acts)) not in _ACT_TYPES:
+            names = sorted(a.__name__ for a in acts)
+            raise unsupported("network.activation", f"activations {names}")
+        act = _ACT_TYPES[next(iter(acts))]
+        norms = {type(b.norm) for b in score.blocks}
+        if not norms <= {nn.LayerNorm, nn.Identity} or len(norms) > 1:
+            raise unsupported(
+                "network.layer_norm", f"block norms {sorted(n.__name__ for n in norms)}"
+            )
+        use_ln = nn.LayerNorm in norms
+        if use_ln:
+            eps = {float(b.norm.eps) for b in score.blocks}
+            if len(eps) != 1:
+                raise unsupported("network.ln_eps", "different epsilons per block")
+            if any(b.norm.weight is None for b in score.blocks):
+                raise unsupported("network.layer_norm", "LayerNorm without affine weights")
+        ln_eps = float(score.blocks[0].norm.eps) if use_ln and len(score.blocks) else 1e-6
+        if len(q.layers) not in (2, 3):
+            raise unsupported("critic.hidden", f"{len(q.layers) - 1} hidden layers; 1 or 2 run")
+        lins = [m for m in v.mlp if isinstance(m, nn.Linear)]
+        others = [m for m in v.mlp if not isinstance(m, (nn.Linear, nn.ReLU))]
+        if len(lins) not in (2, 3) or others:
+            raise unsupported("critic.hidden", f"a V network of {len(lins)} linear layers")
+        v_ln = isinstance(v.norm, nn.LayerNorm)
+        if not v_ln and not isinstance(v.norm, nn.Identity):
+            raise unsupported("critic.value_layer_norm", type(v.norm).__name__)
+        if d.value_loss not in self._k.VALUE_LOSSES:
+            raise unsupported("critic.value_loss", d.value_loss)
+        hidden = score.inp.out_features
+        wide = score.blocks[0].fc1.out_features if len(score.blocks) else 16
+        q0 = q.layers[0].weight.shape[-1]
+        q1 = q.layers[1].weight.shape[-1] if len(q.layers) == 3 else 16
+        v0 = lins[0].out_features
+        v1 = lins[1].out_features if len(lins) == 3 else 16
+        op = _p2(s.obs_dim)
+        c: dict[str, Any] = {
+            "OBS": s.obs_dim,
+            "A": s.act_dim,
+            "H": hidden,
+            "OP": op,
+            "OC": min(op, 64),
+            "AP": _p2(s.act_dim),
+            "HP": _p2(hidden),
+            "FP": _p2(wide),
+            "NB": len(score.blocks),
+            "T": s.steps,
+            "S": s.steps + d.extra_final_steps,
+            "LN": use_ln,
+            "ACT": self._k.ACTIVATIONS[act],
+            "CLIP": bool(d.clip),
+            "E": q.num_qs,
+            "QP0": _p2(q0),
+            "QP1": _p2(q1),
+            "QDEPTH": len(q.layers) - 1,
+            "VP0": _p2(v0),
+            "VP1": _p2(v1),
+            "VDEPTH": len(lins) - 1,
+            "VLN": v_ln,
+            "NP": _p2(s.samples),
+            "MODE": 0 if s.mode == "argmax" else 1,
+            "VL": self._k.VALUE_LOSSES[d.value_loss],
+            "ln_eps": ln_eps,
+            "v_eps": float(v.norm.eps) if v_ln else 1e-6,
+        }
+        c["FC"] = min(self._chunk, c["FP"])
+        c["QPL"] = c["QP1"] if c["QDEPTH"] == 2 else c["QP0"]
+        c["QC"] = min(64, c["QP1"])
+        c["VPL"] = c["VP1"] if c["VDEPTH"] == 2 else c["VP0"]
+        c["VC"] = min(64, c["VP1"])
+        return c
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def _pack(self) -> None:
+        """Padded, contiguous kernel buffers from ``self.decision``; refreshed in place."""
+        d: Decision = self.decision
+        score: Any = d.score
+        q: Any = d.q
+        v: Any = d.v
+        c, dev, f32 = self._consts, self.device, torch.float32
+        low = self.dtype
+        nb = max(1, c["NB"])
+        new: dict[str, Tensor] = {}
+
+        def pad(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtype = f32) -> None:
+            out = torch.zeros(shape, dtype=f32, device=dev)
+            out[tuple(slice(0, n) for n in t.shape)] = t.detach().to(dev, f32)
+            new[name] = out.to(dtype).contiguous()
+
+        hp, ap, op, fp = c["HP"], c["AP"], c["OP"], c["FP"]
+        w_a, w_o, _ = score.split_input_weight()
+        pad("wa", w_a.T, (ap, hp))
+        pad("wo", w_o.T, (op, hp))
+        pad("bin", score.inp.bias, (hp,))
+        pad("ts", Decision.time_shares(d, f32, dev), (c["T"], hp))
+        blocks = list(score.blocks)
+        ln_g = torch.zeros(nb, hp, device=dev)
+        ln_b = torch.zeros(nb, hp, device=dev)
+        w1 = torch.zeros(nb, hp, fp, device=dev)
+        b1 = torch.zeros(nb, fp, device=dev)
+        w2 = torch.zeros(nb, fp, hp, device=dev)
+        b2 = torch.zeros(nb, hp, device=dev)
+        for i, blk in enumerate(blocks):
+            if c["LN"]:
+                ln_g[i, : c["H"]] = blk.norm.weight
+                ln_b[i, : c["H"]] = blk.norm.bias
+            w = blk.fc1.weight.T  # (H, F)
+            w1[i, : w.shape[0], : w.shape[1]] = w
+            b1[i, : w.shape[1]] = blk.fc1.bias
+            w = blk.fc2.weight.T  # (F, H)
+            w2[i, : w.shape[0], : w.shape[1]] = w
+            b2[i, : w.shape[1]] = blk.fc2.bias
+        new.update(lng=ln_g, lnb=ln_b, b1=b1, b2=b2)
+        new["w1"] = w1.to(low).contiguous()
+        new["w2"] = w2.to(low).contiguous()
+        pad("wout", score.out.weight.T, (hp, ap))
+        pad("bout", score.out.bias, (ap,))
+
+        # Reverse-step coefficients per executed step s (s < T: t = T-1-s; then M extra t = 0).
+        coef = torch.zeros(c["S"], 4, dtype=torch.float64)
+        for step in range(c["S"]):
+            t = max(c["T"] - 1 - step, 0)
+            sigma = d._sigma[t] * d.temperature if (step < c["T"] and t > 0) else 0.0
+            coef[step] = torch.tensor([d._inv_sqrt_alpha[t], d._eps_coef[t], sigma, float(t)])
+        new["coef"] = coef.to(dev, f32)
+
+        e, qp0, qp1, qpl = c["E"], c["QP0"], c["QP1"], c["QPL"]
+        w = q.layers[0].weight  # (E, OBS + A, H0)
+        pad("qwo", w[:, : c["OBS"]], (e, op, qp0))
+        pad("qwa", w[:, c["OBS"] :], (e, ap, qp0))
+        pad("qb0", q.layers[0].bias[:, 0], (e, qp0))
+        if c["QDEPTH"] == 2:
+            pad("qw1", q.layers[1].weight, (e, qp0, qp1), low)
+            pad("qb1", q.layers[1].bias[:, 0], (e, qp1))
+        else:
+            new["qw1"] = torch.zeros(e, qp0, qp1, device=dev, dtype=low)
+            new["qb1"] = torch.zeros(e, qp1, device=dev)
+        last = q.layers[-1]
+        pad("qwl", last.weight[:, :, 0], (e, qpl))
+        pad("qbl", last.bias[:, 0, 0], (e,))
+
+        lins = [m for m in v.mlp if isinstance(m, nn.Linear)]
+        vp0, vp1, vpl = c["VP0"], c["VP1"], c["VPL"]
+        if c["VLN"]:
+            pad("vlng", v.norm.weight, (op,))
+            pad("vlnb", v.norm.bias, (op,))
+        else:
+            new["vlng"] = torch.zeros(op, device=dev)
+            new["vlnb"] = torch.zeros(op, device=dev)
+        pad("vw0", lins[0].weight.T, (op, vp0))
+        pad("vb0", lins[0].bias, (vp0,))
+        if c["VDEPTH"] == 2:
+            pad("vw1", lins[1].weight.T, (vp0, vp1), low)
+            pad("vb1", lins[1].bias, (vp1,))
+        else:
+            new["vw1"] = torch.zeros(vp0, vp1, device=dev, dtype=low)
+            new["vb1"] = torch.zeros(vp1, device=dev)
+        pad("vwl", lins[-1].weight[0], (vpl,))
+        pad("vbl", lins[-1].bias, (1,))
+
+        if not self._bufs:
+            self._bufs = new
+        else:  # in place: captured graphs keep reading the same addresses
+            for k, t in new.items():
+                self._bufs[k].copy_(t)
+
+    def _weights_changed(self) -> None:
+        self._pack()
+
+    # ------------------------------------------------------------------ launches
+    def _kernel_calls(
+        self, obs: Tensor, x0: Tensor, z: Tensor, u: Tensor
+    ) -> list[tuple[Any, tuple[int], list[Any], dict[str, Any], dict[str, int]]]:
+        """(kernel, grid, positional args, constexprs, launch options) of the two launches:
+        candidates + Q into self._x/_q, then the packed rows into self._out."""
+        c, b, s = self._consts, self._bufs, self.spec
+        rows = s.batch * s.samples
+        low = {
+            "LOWP": self._lowp,
+            "UPCAST": self.interpret and self.dtype == torch.bfloat16,
+            "PREC": self._prec,
+        }
+        bm, bb = self._block_m, 16
+        decide_args = [
+            obs, x0, z, b["coef"],
+            b["wo"], b["bin"], b["wa"], b["ts"],
+            b["lng"], b["lnb"], b["w1"], b["b1"], b["w2"], b["b2"], b["wout"], b["bout"],
+            b["qwo"], b["qwa"], b["qb0"], b["qw1"], b["qb1"], b["qwl"], b["qbl"],
+            self._x, self._q,
+            c["ln_eps"], rows, s.samples,
+        ]  # fmt: skip
+        decide_const = {
+            k: c[k]
+            for k in (
+                "OBS A H OP OC AP HP FP FC NB T S LN ACT CLIP E QP0 QP1 QPL QC QDEPTH".split()
+            )
+        }
+        decide_const.update(BM=bm, **low)
+        select_args = [
+            obs, u, self._x, self._q,
+            b["vlng"], b["vlnb"], b["vw0"], b["vb0"], b["vw1"], b["vb1"], b["vwl"], b["vbl"],
+            self._out,
+            float(self.decision.tau), float(self.decision.alpha), c["v_eps"],
+            s.batch, s.samples,
+        ]  # fmt: skip
+        select_const = {
+            k: c[k] for k in "NP OBS OP OC A AP VP0 VP1 VPL VC VDEPTH VLN MODE VL".split()
+        }
+        select_const.update(BB=bb, **low)
+        return [
+            (self._k.decide_kernel, (-(-rows // bm),), decide_args, decide_const, self._opts),
+            (
+                self._k.select_kernel,
+                (-(-s.batch // bb),),
+                select_args,
+                select_const,
+                {"num_warps": 4},
+            ),
+        ]
+
+    def _launch(self, obs: Tensor, x0: Tensor, z: Tensor, u: Tensor) -> None:
+        for kernel, grid, args, const, opts in self._kernel_calls(obs, x0, z, u):
+            kernel[grid](*args, **const, **opts)
+
+    def compile_for(self, arch: int = 90) -> dict[str, dict[str, Any]]:
+        """Compile both kernels for CUDA compute capability ``arch`` without a GPU (Triton
+        brings its own ptxas): a check that the GPU build of this engine's exact kernels
+        goes through. Returns per kernel the shared memory (bytes) and the PTX/cubin sizes."""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        if self.interpret and _triton_imported_interpreted():
+            raise EngineUnavailable("triton was imported with TRITON_INTERPRET=1: cannot compile")
+        kernels = load_kernels(False)
+        target = GPUTarget("cuda", arch, 32)
+        backend = triton.compiler.make_backend(target)
+        types = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+        s = self.spec
+        noise = DecisionNoise.draw(s, device=self.device)
+        obs = torch.zeros(s.batch, s.obs_dim, device=self.device)
+        out: dict[str, dict[str, Any]] = {}
+        for kernel, _, args, const, opts in self._kernel_calls(obs, *noise):
+            kernel = getattr(kernels, kernel.__name__)
+            values = dict(zip(kernel.arg_names, args, strict=False))
+            sig: dict[str, str] = {}
+            for name in kernel.arg_names:
+                v = values.get(name)
+                if name in const:
+                    sig[name] = "constexpr"
+                elif isinstance(v, Tensor):
+                    sig[name] = types[v.dtype]
+                else:
+                    sig[name] = "fp32" if isinstance(v, float) else "i32"
+            const = {**const, "UPCAST": False}
+            options = backend.parse_options(dict(opts)).__dict__
+            compiled = triton.compile(ASTSource(kernel, sig, const), target=target, options=options)
+            out[kernel.__name__] = {
+                "shared_bytes": int(compiled.metadata.shared),
+                "ptx_chars": len(compiled.asm["ptx"]),
+                "cubin_bytes": len(compiled.asm["cubin"]),
+            }
+        return out
+
+    def _launch_noise(self, obs: Tensor, noise: DecisionNoise) -> None:
+        f32 = torch.float32
+        x0, z, u = (t.to(self.device, f32).contiguous() for t in noise)
+        self._launch(obs, x0, z, u)
+
+    # ------------------------------------------------------------------ CUDA graph
+    def _body_rng(self) -> None:
+        noise = DecisionNoise.draw(self.spec, generator=self.generator, device=self.device)
+        self._drawn = noise
+        self._launch(self._obs, *noise)
+
+    def _body_given(self) -> None:
+        self._launch(self._obs, *self._noise_in)
+
+    def _capture(self, body: Any, *, register_rng: bool = False) -> torch.cuda.CUDAGraph:
+        with torch.cuda.device(self.device):  # Triton launches on the current device
+            return self._capture_here(body, register_rng=register_rng)
+
+    def _capture_here(self, body: Any, *, register_rng: bool) -> torch.cuda.CUDAGraph:
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(_WARMUP_CALLS):  # Triton compiles (or loads its cache) here
+                body()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        if register_rng:
+            graph.register_generator_state(self.generator)
+        with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            body()
+        torch.cuda.synchronize(self.device)
+        return graph
+
+    # ------------------------------------------------------------------ run
+    def _run(self, obs: Tensor, noise: DecisionNoise | None) -> DecisionOutput:
+        if self.device.type != "cuda":  # the interpreter: plain calls on CPU tensors
+            if noise is None:
+                noise = self._draw_noise()
+                self._drawn = noise
+            with torch.no_grad(), interpretable_triton_library():
+                self._launch_noise(obs.contiguous(), noise)
+            return self._unpack(self._out)
+        self._obs_host.copy_(obs)
+        self._obs.copy_(self._obs_host, non_blocking=True)
+        if noise is None:
+            self._graph_rng.replay()
+        else:
+            for dst, src in zip(self._noise_in, noise, strict=True):
+                dst.copy_(src.to(self.device, torch.float32))
+            if self._graph_given is None:
+                self._graph_given = self._capture(self._body_given)
+            self._graph_given.replay()
+        self._out_host.copy_(self._out, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return self._unpack(self._out_host)
+
+    def _unpack(self, packed: Tensor) -> DecisionOutput:
+        a = self.spec.act_dim
+        h = packed.to("cpu", torch.float32, copy=True)
+        return DecisionOutput(
+            h[:, :a], h[:, a], h[:, a + 1], h[:, a + 2], h[:, a + 3].round().to(torch.int64)
+        )
+
+    def last_candidates(self) -> tuple[Tensor, Tensor]:
+        """CPU copies of the latest decision's candidates x (B, N, A) and their Q (B, N),
+        the min over heads (what the selection saw): for parity checks of every row."""
+        s = self.spec
+        x = self._x.detach().to("cpu", copy=True).view(s.batch, s.samples, s.act_dim)
+        return x, self._q.detach().to("cpu", copy=True).view(s.batch, s.samples)
+
+    def last_noise(self) -> DecisionNoise:
+        """CPU copies of the noise drawn for the latest ``decide`` call."""
+        assert self._drawn is not None
+        return DecisionNoise(*(t.detach().to("cpu", copy=True) for t in self._drawn))

@@ -1,0 +1,377 @@
+"""Triton kernels of the fused decision (``engines/triton_fused.py`` builds and launches them).
+
+Two kernels make one decision:
+
+``decide_kernel``: one program per tile of BLOCK_M candidate rows (rows = B*N, each row
+one candidate of one state). Candidates are independent through the whole reverse
+process and through the critic, so a program runs ALL T (+ M extra) reverse steps of
+the LN-ResNet score network on its rows and then the min-of-ensemble Q critic, without
+writing anything but the final candidates x (rows, A) and their Q (rows,). Per step:
+h = obs_share + time_share[t] + x @ W_a; per block h += fc2(act(fc1(LN(h)))) with the
+4x-wide hidden layer computed chunk by chunk (HID_CHUNK columns) and multiplied into the
+fc2 accumulator right away, so it never leaves registers; eps = out(act(h)); the DDPM
+update with the given step noise; clipping.
+
+``select_kernel``: one program per tile of 16 states: V(obs), then argmax or the
+implicit-policy draw over the N candidates' Q, the gather of the chosen action, and the
+packed output row [action | chosen Q | V | Q spread | index].
+
+Dims are padded to powers of two (``tl.arange`` needs them; ``tl.dot`` needs >= 16) with
+zero weights, so padded columns stay exactly zero through every layer: LN(0-column) is
+scaled by a zero gamma, act(0) = 0 for swish, mish and relu. LayerNorm statistics use the
+true width (``H`` / ``OBS``), never the padded one.
+
+This file is imported twice: normally (``triton.jit``, for CUDA) and, by
+``triton_fused.load_kernels(interpret=True)``, as a second module with ``INTERPRET``
+preset, whose functions are Triton ``InterpretedFunction``s that run on CPU tensors with
+numpy. That way the interpreter is chosen per engine, without setting TRITON_INTERPRET
+for the whole process (which would also make torch.compile's Triton kernels interpret).
+"""
+
+from typing import Any
+
+import triton.language as tl
+
+INTERPRET: bool = bool(globals().get("INTERPRET", False))
+
+# Not ``triton.jit``: that decorator reads TRITON_INTERPRET when this module is imported,
+# and the compiled copy must stay compiled whatever the environment says.
+if INTERPRET:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    _jit: Any = InterpretedFunction
+else:
+    from triton.runtime.jit import JITFunction
+
+    _jit = JITFunction
+
+ACTIVATIONS = {"swish": 0, "mish": 1, "relu": 2}
+VALUE_LOSSES = {"expectile": 0, "quantile": 1, "exponential": 2}
+
+
+@_jit
+def _act(x, ACT: tl.constexpr):
+    """swish (0), mish (1) or relu (2) in float32."""
+    if ACT == 0:
+        y = x * tl.sigmoid(x)
+    elif ACT == 1:
+        # mish = x tanh(softplus(x)); with n = e^x, tanh(log(1 + n)) = n(n+2) / (n(n+2) + 2).
+        # Exact to float32 rounding; x > 20 gives a ratio of 1.0 in float32 anyway.
+        n = tl.exp(tl.minimum(x, 20.0))
+        p = n * (n + 2.0)
+        y = x * (p / (p + 2.0))
+    else:
+        y = tl.maximum(x, 0.0)
+    return y
+
+
+@_jit
+def _mm(a, b, acc, LOWP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b. a: float32 activations; b: weights in their storage dtype.
+
+    LOWP: b is bf16/fp16; a is rounded to b's dtype and the product accumulates in fp32.
+    UPCAST (interpreter only): the interpreter's tl.dot multiplies bf16 *bit patterns*
+    (numpy has no bf16), so the same rounded operands are multiplied as float32 instead:
+    products of 8-bit mantissas are exact in fp32, only the summation order differs.
+    """
+    if LOWP:
+        a_low = a.to(b.dtype)
+        if UPCAST:
+            out = tl.dot(a_low.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            out = tl.dot(a_low, b, acc)
+    else:
+        out = tl.dot(a, b, acc, input_precision=PREC)
+    return out
+
+
+@_jit
+def _row_stats(x, cmask, WIDTH: tl.constexpr, eps):
+    """LayerNorm statistics over the true width: (centred x with padding zeroed, 1/std)."""
+    mean = tl.sum(x, axis=1) / WIDTH
+    d = tl.where(cmask[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) / WIDTH
+    return d, 1.0 / tl.sqrt(var + eps)
+
+
+@_jit
+def decide_kernel(
+    obs_ptr,  # (B, OBS) f32
+    x0_ptr,  # (R, A) f32, R = B*N
+    z_ptr,  # (T, R, A) f32
+    coef_ptr,  # (S, 4) f32: 1/sqrt(alpha_t), eps coefficient, sigma_t*temperature (0 at t=0), -
+    wo_ptr,  # (OP, HP) f32: input projection, obs part (transposed)
+    bin_ptr,  # (HP,) f32
+    wa_ptr,  # (AP, HP) f32: input projection, action part
+    ts_ptr,  # (T, HP) f32: time shares cond(t) @ W_c
+    lng_ptr,  # (NB, HP) f32
+    lnb_ptr,  # (NB, HP) f32
+    w1_ptr,  # (NB, HP, FP) storage dtype
+    b1_ptr,  # (NB, FP) f32
+    w2_ptr,  # (NB, FP, HP) storage dtype
+    b2_ptr,  # (NB, HP) f32
+    wout_ptr,  # (HP, AP) f32
+    bout_ptr,  # (AP,) f32
+    qwo_ptr,  # (E, OP, QP0) f32
+    qwa_ptr,  # (E, AP, QP0) f32
+    qb0_ptr,  # (E, QP0) f32
+    qw1_ptr,  # (E, QP0, QP1) storage dtype (QDEPTH == 2)
+    qb1_ptr,  # (E, QP1) f32
+    qwl_ptr,  # (E, QPL) f32: last layer, QPL = QP1 if QDEPTH == 2 else QP0
+    qbl_ptr,  # (E,) f32
+    x_out_ptr,  # (R, A) f32
+    q_out_ptr,  # (R,) f32
+    ln_eps,
+    R,
+    N,
+    OBS: tl.constexpr,
+    A: tl.constexpr,
+    H: tl.constexpr,
+    OP: tl.constexpr,
+    OC: tl.constexpr,
+    AP: tl.constexpr,
+    HP: tl.constexpr,
+    FP: tl.constexpr,
+    FC: tl.constexpr,
+    NB: tl.constexpr,
+    T: tl.constexpr,
+    S: tl.constexpr,
+    LN: tl.constexpr,
+    ACT: tl.constexpr,
+    CLIP: tl.constexpr,
+    E: tl.constexpr,
+    QP0: tl.constexpr,
+    QP1: tl.constexpr,
+    QPL: tl.constexpr,
+    QC: tl.constexpr,
+    QDEPTH: tl.constexpr,
+    BM: tl.constexpr,
+    LOWP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < R
+    bidx = tl.where(rmask, rows // N, 0)  # the state each candidate row belongs to
+    acols = tl.arange(0, AP)
+    amask = acols < A
+    hcols = tl.arange(0, HP)
+    hmask = hcols < H
+    xmask = rmask[:, None] & amask[None, :]
+
+    # The observation's share of the input projection, once for all steps.
+    obs_share = tl.zeros((BM, HP), tl.float32) + tl.load(bin_ptr + hcols)[None, :]
+    for k in range(OP // OC):
+        ocols = k * OC + tl.arange(0, OC)
+        ob = tl.load(
+            obs_ptr + bidx[:, None] * OBS + ocols[None, :],
+            mask=rmask[:, None] & (ocols < OBS)[None, :],
+            other=0.0,
+        )
+        w = tl.load(wo_ptr + ocols[:, None] * HP + hcols[None, :])
+        obs_share = _mm(ob, w, obs_share, False, False, PREC)
+
+    x = tl.load(x0_ptr + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0)
+    wa = tl.load(wa_ptr + acols[:, None] * HP + hcols[None, :])
+    wout = tl.load(wout_ptr + hcols[:, None] * AP + acols[None, :])
+    bout = tl.load(bout_ptr + acols)
+
+    for s in range(S):  # s < T: t = T-1-s with noise; s >= T: extra t = 0 steps, no noise
+        t = tl.maximum(T - 1 - s, 0)
+        c_inv = tl.load(coef_ptr + s * 4)
+        c_eps = tl.load(coef_ptr + s * 4 + 1)
+        c_sig = tl.load(coef_ptr + s * 4 + 2)
+        h = obs_share + tl.load(ts_ptr + t * HP + hcols)[None, :]
+        h = _mm(x, wa, h, False, False, PREC)
+        for blk in range(NB):
+            if LN:
+                d, rstd = _row_stats(h, hmask, H, ln_eps)
+                g = tl.load(lng_ptr + blk * HP + hcols)
+                bb = tl.load(lnb_ptr + blk * HP + hcols)
+                y = d * rstd[:, None] * g[None, :] + bb[None, :]
+            else:
+                y = h
+            acc = tl.zeros((BM, HP), tl.float32)
+            for c in range(FP // FC):
+                fcols = c * FC + tl.arange(0, FC)
+                w1 = tl.load(w1_ptr + blk * HP * FP + hcols[:, None] * FP + fcols[None, :])
+                b1 = tl.load(b1_ptr + blk * FP + fcols)
+                mid = _mm(y, w1, tl.zeros((BM, FC), tl.float32), LOWP, UPCAST, PREC)
+                mid = _act(mid + b1[None, :], ACT)
+                w2 = tl.load(w2_ptr + blk * FP * HP + fcols[:, None] * HP + hcols[None, :])
+                acc = _mm(mid, w2, acc, LOWP, UPCAST, PREC)
+            h = h + acc + tl.load(b2_ptr + blk * HP + hcols)[None, :]
+        eps = _mm(_act(h, ACT), wout, tl.zeros((BM, AP), tl.float32), False, False, PREC)
+        eps = eps + bout[None, :]
+        z = tl.load(
+            z_ptr + t * R * A + rows[:, None] * A + acols[None, :],
+            mask=xmask & (s < T),
+            other=0.0,
+        )
+        x = c_inv * (x - c_eps * eps) + c_sig * z
+        if CLIP:
+            x = tl.minimum(tl.maximum(x, -1.0), 1.0)
+    x = tl.minimum(tl.maximum(x, -1.0), 1.0)
+    tl.store(x_out_ptr + rows[:, None] * A + acols[None, :], x, mask=xmask)
+
+    # Critic: min over the E heads of Q(s, x) for the final candidates.
+    q0cols = tl.arange(0, QP0)
+    q = tl.full((BM,), float("inf"), tl.float32)
+    for e in range(E):
+        h1 = tl.zeros((BM, QP0), tl.float32) + tl.load(qb0_ptr + e * QP0 + q0cols)[None, :]
+        for k in range(OP // OC):
+            ocols = k * OC + tl.arange(0, OC)
+            ob = tl.load(
+                obs_ptr + bidx[:, None] * OBS + ocols[None, :],
+                mask=rmask[:, None] & (ocols < OBS)[None, :],
+                other=0.0,
+            )
+            w = tl.load(qwo_ptr + e * OP * QP0 + ocols[:, None] * QP0 + q0cols[None, :])
+            h1 = _mm(ob, w, h1, False, False, PREC)
+        qwa = tl.load(qwa_ptr + e * AP * QP0 + acols[:, None] * QP0 + q0cols[None, :])
+        h1 = tl.maximum(_mm(x, qwa, h1, False, False, PREC), 0.0)
+        qe = tl.zeros((BM,), tl.float32) + tl.load(qbl_ptr + e)
+        if QDEPTH == 2:
+            for c in range(QP1 // QC):
+                qcols = c * QC + tl.arange(0, QC)
+                w = tl.load(qw1_ptr + e * QP0 * QP1 + q0cols[:, None] * QP1 + qcols[None, :])
+                h2 = _mm(h1, w, tl.zeros((BM, QC), tl.float32), LOWP, UPCAST, PREC)
+                h2 = tl.maximum(h2 + tl.load(qb1_ptr + e * QP1 + qcols)[None, :], 0.0)
+                qe += tl.sum(h2 * tl.load(qwl_ptr + e * QPL + qcols)[None, :], axis=1)
+        else:
+            qe += tl.sum(h1 * tl.load(qwl_ptr + e * QPL + q0cols)[None, :], axis=1)
+        q = tl.minimum(q, qe)
+    tl.store(q_out_ptr + rows, q, mask=rmask)
+
+
+@_jit
+def select_kernel(
+    obs_ptr,  # (B, OBS) f32
+    u_ptr,  # (B,) f32
+    x_ptr,  # (R, A) f32: final candidates
+    q_ptr,  # (R,) f32
+    vlng_ptr,  # (OP,) f32: V's input LayerNorm (VLN)
+    vlnb_ptr,  # (OP,) f32
+    vw0_ptr,  # (OP, VP0) f32
+    vb0_ptr,  # (VP0,) f32
+    vw1_ptr,  # (VP0, VP1) storage dtype (VDEPTH == 2)
+    vb1_ptr,  # (VP1,) f32
+    vwl_ptr,  # (VPL,) f32
+    vbl_ptr,  # (1,) f32
+    out_ptr,  # (B, A + 4) f32: action | chosen Q | V | spread | index
+    tau,
+    alpha,
+    v_eps,
+    B,
+    N,
+    NP: tl.constexpr,
+    OBS: tl.constexpr,
+    OP: tl.constexpr,
+    OC: tl.constexpr,
+    A: tl.constexpr,
+    AP: tl.constexpr,
+    VP0: tl.constexpr,
+    VP1: tl.constexpr,
+    VPL: tl.constexpr,
+    VC: tl.constexpr,
+    VDEPTH: tl.constexpr,
+    VLN: tl.constexpr,
+    MODE: tl.constexpr,
+    VL: tl.constexpr,
+    BB: tl.constexpr,
+    LOWP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    brow = pid * BB + tl.arange(0, BB)
+    bmask = brow < B
+
+    # V(obs): [LayerNorm over the true obs width] -> Dense, ReLU (-> Dense, ReLU) -> Dense 1.
+    if VLN:
+        ocols_all = tl.arange(0, OP)
+        omask_all = ocols_all < OBS
+        ob_all = tl.load(
+            obs_ptr + brow[:, None] * OBS + ocols_all[None, :],
+            mask=bmask[:, None] & omask_all[None, :],
+            other=0.0,
+        )
+        mean = tl.sum(ob_all, axis=1) / OBS
+        _, rstd = _row_stats(ob_all, omask_all, OBS, v_eps)
+    v0cols = tl.arange(0, VP0)
+    h1 = tl.zeros((BB, VP0), tl.float32) + tl.load(vb0_ptr + v0cols)[None, :]
+    for k in range(OP // OC):
+        ocols = k * OC + tl.arange(0, OC)
+        omask = ocols < OBS
+        ob = tl.load(
+            obs_ptr + brow[:, None] * OBS + ocols[None, :],
+            mask=bmask[:, None] & omask[None, :],
+            other=0.0,
+        )
+        if VLN:
+            g = tl.load(vlng_ptr + ocols)
+            bb = tl.load(vlnb_ptr + ocols)
+            ob = tl.where(omask[None, :], (ob - mean[:, None]) * rstd[:, None], 0.0)
+            ob = ob * g[None, :] + bb[None, :]
+        w = tl.load(vw0_ptr + ocols[:, None] * VP0 + v0cols[None, :])
+        h1 = _mm(ob, w, h1, False, False, PREC)
+    h1 = tl.maximum(h1, 0.0)
+    v = tl.zeros((BB,), tl.float32) + tl.load(vbl_ptr)
+    if VDEPTH == 2:
+        for c in range(VP1 // VC):
+            vcols = c * VC + tl.arange(0, VC)
+            w = tl.load(vw1_ptr + v0cols[:, None] * VP1 + vcols[None, :])
+            h2 = _mm(h1, w, tl.zeros((BB, VC), tl.float32), LOWP, UPCAST, PREC)
+            h2 = tl.maximum(h2 + tl.load(vb1_ptr + vcols)[None, :], 0.0)
+            v += tl.sum(h2 * tl.load(vwl_ptr + vcols)[None, :], axis=1)
+    else:
+        v += tl.sum(h1 * tl.load(vwl_ptr + v0cols)[None, :], axis=1)
+
+    # Selection over the N candidates of each state.
+    ncols = tl.arange(0, NP)
+    nmask = ncols < N
+    valid = bmask[:, None] & nmask[None, :]
+    q = tl.load(q_ptr + brow[:, None] * N + ncols[None, :], mask=valid, other=0.0)
+    qmax = tl.max(tl.where(nmask[None, :], q, float("-inf")), axis=1)
+    qmin = tl.min(tl.where(nmask[None, :], q, float("inf")), axis=1)
+    if MODE == 0:
+        idx = tl.argmax(tl.where(nmask[None, :], q, float("-inf")), axis=1)
+    else:
+        # pi_imp: inverse-CDF draw with Theorem 4.1 weights w(Q - V) (critic.implicit_weights)
+        uq = q - v[:, None]
+        if VL == 0:
+            w = tl.where(uq > 0, tau, 1.0 - tau)
+        elif VL == 1:
+            w = tl.where(uq > 0, tau, 1.0 - tau) / tl.maximum(tl.abs(uq), 1e-6)
+        else:
+            y = alpha * uq
+            small_y = tl.abs(y) < 1e-2  # expm1 by its Taylor series where exp(y) - 1 cancels
+            em1 = tl.where(
+                small_y,
+                y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0)))),
+                tl.exp(y) - 1.0,
+            )
+            small_u = tl.abs(uq) < 1e-6
+            safe_u = tl.where(small_u, 1.0, uq)
+            w = tl.where(small_u, alpha * alpha, alpha * em1 / safe_u)
+        w = tl.where(nmask[None, :], w, 0.0)
+        cdf = tl.cumsum(w, axis=1)
+        total = tl.sum(tl.where(ncols[None, :] == N - 1, cdf, 0.0), axis=1)
+        thr = tl.load(u_ptr + brow, mask=bmask, other=0.0) * total
+        below = (cdf < thr[:, None]) & nmask[None, :]
+        idx = tl.minimum(tl.sum(below.to(tl.int32), axis=1), N - 1)
+    idx = idx.to(tl.int32)
+    chosen_q = tl.sum(tl.where(ncols[None, :] == idx[:, None], q, 0.0), axis=1)
+    acols = tl.arange(0, AP)
+    amask = acols < A
+    xrow = brow * N + idx
+    action = tl.load(
+        x_ptr + xrow[:, None] * A + acols[None, :], mask=bmask[:, None] & amask[None, :], other=0.0
+    )
+    orow = out_ptr + brow * (A + 4)
+    tl.store(orow[:, None] + acols[None, :], action, mask=bmask[:, None] & amask[None, :])
+    tl.store(orow + A, chosen_q, mask=bmask)
+    tl.store(orow + A + 1, v, mask=bmask)
+    tl.store(orow + A + 2, qmax - qmin, mask=bmask)
+    tl.store(orow + A + 3, idx.to(tl.float32), mask=bmask)

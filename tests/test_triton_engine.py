@@ -1,0 +1,391 @@
+"""The "triton" engine (the decision in two fused Triton kernels) against the float64
+reference.
+
+Without a GPU the kernels run in Triton's interpreter (numpy on CPU tensors): the engine
+is built with device="cpu" while TRITON_INTERPRET=1 is set for the test (monkeypatch, so
+nothing leaks into other tests). That proves the kernels' arithmetic: the same code is
+what ``triton.jit`` compiles for the GPU. It does not prove GPU numerics (tl.dot on tensor
+cores, fast exp/sqrt, bf16 rounding to nearest-even where the interpreter truncates) nor
+speed: the ``gpu``-marked tests at the end and ``benchmarks/gpu_check.sh`` do that on a
+CUDA machine. ``test_kernels_compile_for_sm90_without_a_gpu`` compiles the exact kernels
+to cubin for the H100's architecture with Triton's bundled ptxas, no GPU needed.
+
+Tolerances are those of tests/test_engines.py (float32 1e-4, bfloat16 0.15 / 0.05
+relative); most checks here also compare every candidate and every Q value, not only the
+chosen one, on noise that keeps the candidates inside [-1, 1] (linear beta schedule,
+half-scale x_init): with the default VP schedule an untrained score network drives most
+candidates onto the clip boundary, where equal clipped actions hide errors and tie Q.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from idql_runtime import diffusion
+from idql_runtime.agent import Agent
+from idql_runtime.config import config_from_flat
+from idql_runtime.decision import DecisionNoise
+from idql_runtime.engines import available_engines, build_engine
+from idql_runtime.engines.base import Engine, EngineUnavailable
+from tests.test_engines import TOL, assert_matches_reference, reference
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+if HAVE_TRITON:
+    # Import triton for compilation before any test sets TRITON_INTERPRET: triton fixes
+    # its own library's mode at import (the engine lets the interpreter run either way).
+    import triton  # noqa: F401
+
+needs_triton = pytest.mark.skipif(
+    not HAVE_TRITON, reason="triton is not installed (scripts/install.sh dev installs it)"
+)
+
+SMALL = {
+    "network.hidden_dim": 48,  # pads to 64: LayerNorm must still use the true width 48
+    "network.num_blocks": 2,
+    "network.time_dim": 8,
+    "network.cond_hidden": [16, 16],
+    "critic.hidden": [40, 24],  # pad to 64 and 32
+    "diffusion.beta_schedule": "linear",
+}
+"""Small networks with non-power-of-two widths; Hopper's obs 11 / act 3 pad to 16."""
+
+
+@pytest.fixture
+def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _agent(flat: dict | None = None, obs_dim: int = 11, act_dim: int = 3, seed: int = 0) -> Agent:
+    torch.manual_seed(seed)
+    return Agent(config_from_flat({**SMALL, **(flat or {})}), obs_dim, act_dim)
+
+
+def _inputs(eng: Engine, seed: int = 1) -> tuple[torch.Tensor, DecisionNoise]:
+    """obs and noise whose candidates stay mostly inside [-1, 1] (half-scale x_init)."""
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(eng.spec.batch, eng.spec.obs_dim, generator=g)
+    n = DecisionNoise.draw(eng.spec, generator=g)
+    return obs, DecisionNoise(0.5 * n.x_init, n.step_noise, n.u)
+
+
+def _reference_candidates(
+    eng: Engine, obs: torch.Tensor, noise: DecisionNoise
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 naive reference of every candidate (B, N, A) and its min-over-heads Q (B, N)."""
+    d64 = copy.deepcopy(eng.decision).to("cpu", torch.float64)
+    b, n, a = noise.x_init.shape
+    obs64 = obs.double().repeat_interleave(n, dim=0)
+    with torch.no_grad():
+        x = diffusion.sample(
+            d64.score,
+            obs64,
+            noise.x_init.double().reshape(b * n, a),
+            noise.step_noise.double().reshape(-1, b * n, a),
+            eng.schedule,
+            temperature=d64.temperature,
+            clip=d64.clip,
+            extra_final_steps=d64.extra_final_steps,
+        )
+        q = d64.q(obs64, x).amin(0).reshape(b, n)
+    return x.reshape(b, n, a), q
+
+
+def _check(
+    eng: Engine, obs: torch.Tensor, noise: DecisionNoise, dtype: str, interior: bool = True
+) -> None:
+    """The chosen action/Q/V like every engine (``reference_decide`` in float64), then
+    every candidate and every Q."""
+    out = eng.decide_with_noise(obs, noise)
+    x64, q64 = _reference_candidates(eng, obs, noise)
+    ref = SimpleNamespace(out=eng.reference(obs, noise), q=q64)  # what Reference holds
+    assert_matches_reference(out, ref, dtype)  # type: ignore[arg-type]
+    x, q = eng.last_candidates()  # type: ignore[attr-defined]
+    act_tol, q_rel = TOL[dtype]
+    x_err = (x.double() - x64).abs().max().item()
+    q_err = ((q.double() - q64).abs() / q64.abs().clamp_min(1.0)).max().item()
+    assert x_err <= act_tol, f"candidate error {x_err:.3g} > {act_tol} ({dtype})"
+    assert q_err <= q_rel, f"candidate Q error {q_err:.3g} > {q_rel} ({dtype})"
+    if interior:
+        assert (x64.abs() < 0.999).double().mean() > 0.5, "most candidates clipped: weak check"
+
+
+# ---------------------------------------------------------------- CPU: Triton's interpreter
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("mode", ["argmax", "implicit"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matches_float64_reference_with_padding(dtype: str, mode: str) -> None:
+    """Hopper dims (obs 11, act 3) and widths 48/40/24 all pad; B*N = 30 leaves a partial
+    row tile and tiles that span two states."""
+    agent = _agent()
+    for batch, samples in ((1, 16), (3, 10)):
+        eng = build_engine(
+            agent, kind="triton", batch=batch, samples=samples, mode=mode, dtype=dtype
+        )
+        assert eng.name == "triton" and eng.info["interpret"] is True
+        _check(eng, *_inputs(eng), dtype)
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_full_v2_sizes_match_reference(dtype: str) -> None:
+    """Default (v2) networks: width 256, 3 blocks x 1024 in hidden chunks, Q/V 256-256,
+    the VP schedule; the decision the GPU will run, as the other engines' tests use it."""
+    torch.manual_seed(0)
+    agent = Agent(config_from_flat({}), 17, 6)
+    eng = build_engine(agent, kind="triton", batch=1, samples=16, dtype=dtype)
+    obs = torch.randn(1, 17, generator=torch.Generator().manual_seed(7))
+    noise = DecisionNoise.draw(eng.spec, generator=torch.Generator().manual_seed(1))
+    _check(eng, obs, noise, dtype, interior=False)
+
+
+VARIANTS = {
+    "v1-mish-no-value-ln": ({"version": "v1", "network.time_dim": 8}, 11, 3, {}),
+    "relu-no-ln-1-layer-critic-exponential": (
+        {
+            "network.activation": "relu",
+            "network.layer_norm": False,
+            "critic.hidden": [32],
+            "critic.value_loss": "exponential",
+            "critic.alpha": 2.0,
+            "diffusion.extra_final_steps": 2,
+            "diffusion.temperature": 0.5,
+            "diffusion.clip_sampler": False,
+        },
+        100,  # obs pads to 128: two 64-wide chunks of the obs projections
+        5,
+        {},
+    ),
+    "quantile-3-heads-T3-options": (
+        {"critic.value_loss": "quantile", "critic.tau": 0.9, "critic.num_qs": 3},
+        17,
+        6,
+        {"block_m": 32, "hidden_chunk": 16, "num_warps": 4},
+    ),
+}
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_config_variants_match_reference(variant: str) -> None:
+    flat, obs_dim, act_dim, opts = VARIANTS[variant]
+    agent = _agent(flat, obs_dim, act_dim)
+    for mode, dtype in (("implicit", "float32"), ("argmax", "bfloat16")):
+        eng = build_engine(
+            agent, kind="triton", batch=3, samples=10, mode=mode, dtype=dtype, **opts
+        )
+        _check(eng, *_inputs(eng, seed=2), dtype)
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+def test_float16_matches_reference() -> None:
+    eng = build_engine(_agent(), kind="triton", batch=2, samples=16, dtype="float16")
+    _check(eng, *_inputs(eng), "float16")
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+def test_load_weights_matches_fresh_engine_on_new_weights() -> None:
+    old, new = _agent(seed=0), _agent(seed=1)
+    eng = build_engine(old, kind="triton", batch=2, samples=16)
+    obs, noise = _inputs(eng)
+    before = eng.decide_with_noise(obs, noise)
+    eng.load_weights(new.inference_state())
+    after = eng.decide_with_noise(obs, noise)
+    fresh = build_engine(new, kind="triton", batch=2, samples=16).decide_with_noise(obs, noise)
+    assert (before.action - after.action).abs().max() > 1e-3, "weights did not change it"
+    torch.testing.assert_close(after.action, fresh.action, atol=1e-6, rtol=0)
+    torch.testing.assert_close(after.chosen_q, fresh.chosen_q, atol=1e-6, rtol=1e-6)
+    assert after.index.tolist() == fresh.index.tolist()
+
+    # What the online learner broadcasts (target Q and V) swaps in alone.
+    critic = {k: v for k, v in old.inference_state().items() if k.startswith(("q_target.", "v."))}
+    eng.load_weights(critic, partial=True)
+    mixed = _agent(seed=1)
+    mixed.load_inference_state(critic, strict=False)
+    want = build_engine(mixed, kind="triton", batch=2, samples=16).decide_with_noise(obs, noise)
+    got = eng.decide_with_noise(obs, noise)
+    torch.testing.assert_close(got.action, want.action, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.value, want.value, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="non-finite"):
+        bad = dict(critic)
+        bad["v.mlp.0.bias"] = torch.full_like(critic["v.mlp.0.bias"], float("nan"))
+        eng.load_weights(bad, partial=True)
+    torch.testing.assert_close(eng.decide_with_noise(obs, noise).action, got.action)
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+def test_decide_draws_fresh_noise_and_decides_on_it() -> None:
+    eng = build_engine(_agent(), kind="triton", batch=2, samples=8, seed=3)
+    obs = torch.randn(2, 11).numpy()
+    out1 = eng.decide_full(obs)
+    n1 = eng.last_noise()  # type: ignore[attr-defined]
+    out2 = eng.decide_full(obs)
+    assert not torch.equal(out1.action, out2.action) or not torch.equal(out1.index, out2.index)
+    again = eng.decide_with_noise(obs, n1)
+    torch.testing.assert_close(again.action, out1.action, atol=0, rtol=0)
+    assert out1.index.dtype == torch.int64 and out1.action.shape == (2, 3)
+    assert eng.decide(obs).shape == (2, 3)
+
+
+@needs_triton
+def test_on_the_cpu_it_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "triton" not in available_engines("cpu")
+    with pytest.raises(EngineUnavailable, match="TRITON_INTERPRET=1"):
+        build_engine(_agent(), kind="triton", device="cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "triton" in available_engines("cpu")
+
+
+def test_without_triton_it_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
+    with pytest.raises(EngineUnavailable, match="triton is not importable"):
+        build_engine(_agent(), kind="triton", device="cpu")
+    assert "triton" not in available_engines("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_cuda_without_gpu_raises_a_clear_error() -> None:
+    with pytest.raises(EngineUnavailable, match="no CUDA GPU"):
+        build_engine(_agent(), kind="triton", device="cuda")
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+def test_unsupported_options_are_named_not_miscomputed() -> None:
+    with pytest.raises(EngineUnavailable, match="critic.hidden"):
+        build_engine(_agent({"critic.hidden": [16, 16, 16]}), kind="triton")
+    with pytest.raises(ValueError, match="float64"):
+        build_engine(_agent(), kind="triton", dtype="float64")
+    with pytest.raises(ValueError, match="block_m"):
+        build_engine(_agent(), kind="triton", block_m=24)
+    with pytest.raises(ValueError, match="input_precision"):
+        build_engine(_agent(), kind="triton", input_precision="bf16x3")
+
+
+@needs_triton
+def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The GPU build of the exact v2 kernels (float32 and bf16) goes through Triton's
+    compiler and its bundled ptxas for sm_90, and fits an H100's 227 KiB of shared
+    memory per block. Says nothing about speed or GPU numerics."""
+    from idql_runtime.engines.triton_fused import _triton_imported_interpreted
+
+    if _triton_imported_interpreted():
+        pytest.skip("triton was imported under TRITON_INTERPRET=1 in this process")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # to build the engine on the CPU
+    torch.manual_seed(0)
+    agent = Agent(config_from_flat({}), 17, 6)
+    for dtype in ("bfloat16", "float32"):
+        eng = build_engine(agent, kind="triton", batch=1, samples=16, dtype=dtype)
+        if dtype == "bfloat16":  # interpreter first: it must not spoil compiling
+            eng.decide(torch.zeros(1, 17).numpy())
+        info = eng.compile_for(90)  # type: ignore[attr-defined]
+        assert set(info) == {"decide_kernel", "select_kernel"}
+        for name, k in info.items():
+            assert 0 < k["shared_bytes"] <= 227 * 1024, (dtype, name, k)
+            assert k["cubin_bytes"] > 0
+
+
+# ---------------------------------------------------------------- GPU (compiled kernels)
+def _v2_agent(seed: int = 0, linear: bool = False) -> Agent:
+    """Default (v2) sizes; ``linear``: linear betas, so candidates stay inside [-1, 1]."""
+    torch.manual_seed(seed)
+    flat = {"diffusion.beta_schedule": "linear"} if linear else {}
+    return Agent(config_from_flat(flat), 17, 6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["argmax", "implicit"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_matches_reference_and_eager(dtype: str, mode: str) -> None:
+    """Full v2 sizes, N = 128: float64 reference, every candidate, and plain eager."""
+    agent = _v2_agent()
+    for batch, samples in ((1, 128), (4, 64)):
+        eng = build_engine(
+            agent,
+            kind="triton",
+            batch=batch,
+            samples=samples,
+            mode=mode,
+            dtype=dtype,
+            device="cuda",
+        )
+        obs = torch.randn(batch, 17)
+        noise = DecisionNoise.draw(eng.spec, generator=torch.Generator().manual_seed(1))
+        out = eng.decide_with_noise(obs, noise)
+        assert_matches_reference(out, reference(eng, obs, noise), dtype)
+        eager = build_engine(agent, kind="eager", batch=batch, samples=samples, mode=mode)
+        want = eager.decide_with_noise(obs, noise)
+        same = out.index == want.index
+        assert same.any()
+        err = (out.action[same] - want.action[same]).abs().max().item()
+        assert err <= TOL[dtype][0], f"vs eager: {err:.3g}"
+        lin = build_engine(
+            _v2_agent(linear=True),
+            kind="triton",
+            batch=batch,
+            samples=samples,
+            mode=mode,
+            dtype=dtype,
+            device="cuda",
+        )
+        _check(lin, *_inputs(lin), dtype)  # interior candidates: every row compared
+
+
+@pytest.mark.gpu
+def test_gpu_in_graph_rng_draws_fresh_noise_and_decides_on_it() -> None:
+    eng = build_engine(_v2_agent(), kind="triton", batch=2, samples=64, device="cuda")
+    obs = torch.randn(2, 17).numpy()
+    out1 = eng.decide_full(obs)
+    n1 = eng.last_noise()  # type: ignore[attr-defined]
+    out2 = eng.decide_full(obs)
+    n2 = eng.last_noise()  # type: ignore[attr-defined]
+    assert not torch.equal(n1.x_init, n2.x_init)
+    for out, noise in ((out1, n1), (out2, n2)):
+        assert_matches_reference(out, reference(eng, torch.as_tensor(obs), noise), "float32")
+
+
+@pytest.mark.gpu
+def test_gpu_load_weights_keeps_graph_valid() -> None:
+    old, new = _v2_agent(0), _v2_agent(1)
+    eng = build_engine(old, kind="triton", batch=2, samples=32, device="cuda")
+    obs = torch.randn(2, 17)
+    noise = DecisionNoise.draw(eng.spec, generator=torch.Generator().manual_seed(1))
+    eng.load_weights(new.inference_state())
+    fresh = build_engine(new, kind="eager", batch=2, samples=32)
+    got, want = eng.decide_with_noise(obs, noise), fresh.decide_with_noise(obs, noise)
+    same = got.index == want.index
+    assert same.all() or (got.chosen_q - want.chosen_q).abs().max() < 1e-4
+    torch.testing.assert_close(got.action[same], want.action[same], atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "opts,dtype",
+    [
+        ({"block_m": 32, "hidden_chunk": 128, "num_warps": 4}, "bfloat16"),
+        ({"block_m": 64, "num_warps": 8, "num_stages": 2}, "bfloat16"),
+        ({"input_precision": "tf32"}, "float32"),
+    ],
+)
+def test_gpu_kernel_options_match_reference(opts: dict, dtype: str) -> None:
+    agent = _v2_agent(linear=True)
+    eng = build_engine(
+        agent, kind="triton", batch=1, samples=128, dtype=dtype, device="cuda", **opts
+    )
+    obs, noise = _inputs(eng)
+    # TF32 keeps 10 mantissa bits: checked with the bf16 tolerances.
+    _check(eng, obs, noise, "bfloat16" if opts.get("input_precision") == "tf32" else dtype)
