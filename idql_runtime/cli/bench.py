@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--engines",
         default="auto,eager,cpu",
-        help="comma list of engine kinds (auto, eager, cpu, cuda_graph, compiled, tensorrt)",
+        help="comma list of engine kinds (auto, eager, cpu, cuda_graph, compiled, tensorrt, "
+        "triton)",
     )
     p.add_argument("--samples", default="16,64,128,256", help="comma list of N")
     p.add_argument("--batch", default="1,64", help="comma list of B")
@@ -54,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-mode",
         default=None,
         help="torch.compile mode for the compiled engine (default: the engine's)",
+    )
+    p.add_argument(
+        "--triton-options",
+        default="",
+        help="options of the triton engine, e.g. block_m=16,hidden_chunk=64,num_warps=8,"
+        "input_precision=tf32 (default: the engine's)",
     )
     p.add_argument("--dtype", default="float32", help="engine dtype (float32, bfloat16, float16)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device")
@@ -165,6 +172,15 @@ def interleaved(
     return eng, eag
 
 
+def _options(text: str) -> dict[str, Any]:
+    """``key=value,...`` -> dict, integers as int."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, _, value = item.partition("=")
+        out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return out
+
+
 def _heavy_shapes(args: argparse.Namespace) -> set[tuple[int, int]] | None:
     text = args.heavy_shapes or ("128x1" if args.device == "cuda" else "64x1")
     if text == "all":
@@ -207,6 +223,8 @@ def bench_decisions(agent: Any, args: argparse.Namespace) -> tuple[list[dict[str
                         opts["threads"] = args.threads
                     if kind == "compiled" and args.compile_mode:
                         opts["compile_mode"] = args.compile_mode
+                    if kind == "triton":
+                        opts.update(_options(args.triton_options))
                     eng = build_engine(
                         agent,
                         kind=kind,
