@@ -11,7 +11,8 @@ Library layout (the folder tree is the architecture):
     replay.py        the zarr replay store (only module that touches zarr)
     datasets.py      import/export of standard dataset formats
     protocol.py      the wire protocol (msgpack messages, limits)
-    transport.py     ZeroMQ sockets (only module that touches zmq)
+    transport/       ZeroMQ sockets (only package that touches zmq): security,
+                     sockets, actor_link, learner_link, action_server
     engines/         compiled decision engines (eager, CPU, CUDA graph, compile, TensorRT)
 """
 

@@ -2,7 +2,7 @@
 
 This is the one module that knows the wire format (docs/protocol.md is its description for
 people writing clients in other languages). It imports no zmq: framing and sockets live in
-``transport.py``.
+``transport/``.
 
 Every message is a msgpack map ``{"v": PROTOCOL_VERSION, "type": str, ...}``. Arrays travel
 as ``{"dtype": str, "shape": [int, ...], "data": bin}`` with the dtype from an allow-list of

@@ -127,7 +127,7 @@ def rollout_states(env_id: str, policy: Any, count: int, *, seed: int = 0) -> np
     env = make_env(env_id)
     try:
         obs, _ = env.reset(seed=seed)
-        states = []
+        states: list[np.ndarray] = []
         while len(states) < count:
             states.append(np.asarray(obs, np.float32))
             obs, _, terminated, truncated, _ = env.step(policy(states[-1]))
