@@ -164,7 +164,7 @@ def _auto_precision(args: argparse.Namespace, build: Any, meta: dict[str, Any]) 
 
         states = rollout_states(env_id, policy, args.calibration_states, seed=args.seed)
     engine = select_precision(build, reduced, states, fallback=engine32, seed=args.seed)
-    record = engine.info["precision"]
+    record = engine.info["precision_check"]
     tried = record.get("tried", {})
     measured = (
         f"; {reduced} on {tried['states']} states: regret p99 {tried['regret_p99']:.4f},"
@@ -253,7 +253,7 @@ def act(args: argparse.Namespace, agent: Any, engine: Any, meta: dict[str, Any])
             "flushed": flushed,
             "engine": engine.name,
             "dtype": engine.describe()["dtype"],
-            "precision": engine.info.get("precision"),
+            "precision_check": engine.info.get("precision_check"),
         }
     }
     if link:

@@ -113,6 +113,9 @@ class Decision(nn.Module):
         self.mode, self.value_loss, self.tau, self.alpha = mode, value_loss, tau, alpha
         self.temperature, self.clip, self.extra_final_steps = temperature, clip, extra_final_steps
         self.steps = schedule.steps
+        self.trunk_dtype: torch.dtype | None = None
+        """Engines set bfloat16/float16 here to run the score network's products in it
+        (``sample``); the critic and the selection stay in the input dtype."""
         c = schedule.reverse_coefficients()
         # Python floats: baked into any traced graph as constants, exact in float64 runs.
         self._inv_sqrt_alpha = [float(x) for x in c[0]]
@@ -139,7 +142,22 @@ class Decision(nn.Module):
     def candidates(self, obs: Tensor, x_init: Tensor, step_noise: Tensor) -> tuple[Tensor, Tensor]:
         """Every candidate and its critic score: x (B, N, A) after T reverse steps, and
         q (B, N), the min over target-Q heads. ``forward`` selects among them."""
-        b, n, a = x_init.shape
+        x = self.sample(obs, x_init, step_noise)
+        return x, self.score_candidates(obs, x)
+
+    def sample(self, obs: Tensor, x_init: Tensor, step_noise: Tensor) -> Tensor:
+        """The N candidates (B, N, A) after T reverse steps (and any extra final steps).
+
+        With ``trunk_dtype`` set (bfloat16/float16), the score network's products run under
+        autocast in that dtype; the candidates come back in ``obs``'s dtype.
+        """
+        if self.trunk_dtype is None:
+            return self._sample(obs, x_init, step_noise)
+        with torch.autocast(obs.device.type, dtype=self.trunk_dtype, cache_enabled=False):
+            x = self._sample(obs, x_init, step_noise)
+        return x.to(obs.dtype)
+
+    def _sample(self, obs: Tensor, x_init: Tensor, step_noise: Tensor) -> Tensor:
         w_a, w_o, _ = self.score.split_input_weight()
         obs_share = (obs @ w_o.T + self.score.inp.bias).unsqueeze(1)  # (B, 1, H)
         time_share = self.time_shares(obs.dtype, obs.device)  # (T, H)
@@ -148,17 +166,21 @@ class Decision(nn.Module):
             x = self._step(x, obs_share, time_share[t], w_a, t, step_noise[t])
         for _ in range(self.extra_final_steps):
             x = self._step(x, obs_share, time_share[0], w_a, 0, None)
-        x = x.clamp(-1.0, 1.0)
+        return x.clamp(-1.0, 1.0)
 
-        # Critic: min over target-Q heads of every candidate, observation share hoisted.
+    def score_candidates(self, obs: Tensor, x: Tensor) -> Tensor:
+        """q (B, N): the min over target-Q heads of every candidate, in ``obs``'s dtype
+        (never reduced precision: Q gaps between candidates are often below bf16's
+        resolution of Q, and rounding them scrambles the selection)."""
+        b, n, _ = x.shape
+        # Observation share of the first layer hoisted: once per state, not per candidate.
         q_obs = self.q.first_obs_share(obs).unsqueeze(2)  # (E, B, 1, H0)
         w_qa = self.q.layers[0].weight[:, self.q.obs_dim :]  # type: ignore[index]  # (E, A, H0)
         h = torch.relu(q_obs + torch.matmul(x.unsqueeze(0), w_qa.unsqueeze(1)))  # (E, B, N, H0)
         h = h.reshape(h.shape[0], b * n, h.shape[-1])
         for layer in self.q.layers[1:-1]:
             h = torch.relu(layer(h))
-        q = self.q.layers[-1](h).squeeze(-1).amin(dim=0).reshape(b, n)  # (B, N)
-        return x, q
+        return self.q.layers[-1](h).squeeze(-1).amin(dim=0).reshape(b, n)  # (B, N)
 
     def _step(
         self,

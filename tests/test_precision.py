@@ -105,8 +105,8 @@ def test_select_precision_keeps_reduced_only_when_it_passes():
     chosen = select_precision(
         lambda dtype: build_engine(agent, kind="cpu", batch=1, samples=8), "bfloat16", states
     )
-    assert chosen.info["precision"]["chosen"] == "bfloat16"
-    assert chosen.info["precision"]["why"] == "within limits"
+    assert chosen.info["precision_check"]["chosen"] == "bfloat16"
+    assert chosen.info["precision_check"]["why"] == "within limits"
 
     # One that picks the worst candidate: refused, the float32 fallback is returned.
     def build(dtype):
@@ -114,7 +114,7 @@ def test_select_precision_keeps_reduced_only_when_it_passes():
 
     chosen = select_precision(build, "bfloat16", states, fallback=good["float32"])
     assert chosen is good["float32"]
-    record = chosen.info["precision"]
+    record = chosen.info["precision_check"]
     assert record["chosen"] == "float32" and record["why"].startswith("regret_p99 = 1 >")
     assert record["tried"]["regret_mean"] == pytest.approx(1.0, abs=1e-12)
 
@@ -126,7 +126,9 @@ def test_select_precision_keeps_reduced_only_when_it_passes():
         chosen = select_precision(
             lambda dtype: build_engine(agent, kind="cpu", samples=8), reduced, s
         )
-        assert chosen.dtype == torch.float32 and chosen.info["precision"]["why"].startswith(why)
+        assert chosen.dtype == torch.float32 and chosen.info["precision_check"]["why"].startswith(
+            why
+        )
 
 
 def test_reduced_dtype_only_where_it_can_pay():
@@ -148,7 +150,7 @@ def test_actor_dtype_auto_decides_by_the_measured_check(tiny_ckpt, tmp_path):
               "--calibration-states", "24", "--episodes", "1", "--rate-hz", "0")  # fmt: skip
     assert p.wait(120) == 0, p.stderr()[-2000:]
     final = p.find("actor_final")[0]
-    record = final["precision"]
+    record = final["precision_check"]
     reduced = reduced_dtype_for("cpu", "cpu")
     if reduced is None:
         assert record["chosen"] == "float32" and "tried" not in record
@@ -159,3 +161,24 @@ def test_actor_dtype_auto_decides_by_the_measured_check(tiny_ckpt, tmp_path):
         assert record["chosen"] == (reduced if passes else "float32")
     assert final["dtype"] == record["chosen"]
     assert "--dtype auto: " + record["chosen"] in p.stderr()
+
+
+def test_reduced_precision_runs_only_the_score_network_in_it():
+    """bf16 engines (eager here; cuda_graph and compiled share Decision.trunk_dtype) round
+    the score network's products only: Q gaps between candidates are often below bf16's
+    resolution of Q, so the critic must score the candidates in float32."""
+    agent = _agent(0, tiny=True)
+    e32 = build_engine(agent, kind="eager", samples=16)
+    e16 = build_engine(agent, kind="eager", samples=16, dtype="bfloat16")
+    assert e16.decision.trunk_dtype == torch.bfloat16 and e32.decision.trunk_dtype is None
+    obs = torch.as_tensor(_obs(1))
+    noise = DecisionNoise.draw(e16.spec, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        x32, _ = e32.decision.candidates(obs, noise.x_init, noise.step_noise)
+        x16, q16 = e16.decision.candidates(obs, noise.x_init, noise.step_noise)
+        q_exact = e32.decision.score_candidates(obs, x16)  # float32 critic, same candidates
+    assert x16.dtype == torch.float32 and q16.dtype == torch.float32
+    assert float((x16 - x32).abs().max()) > 1e-4  # the bf16 trunk did run
+    assert torch.equal(q16, q_exact)  # and the critic did not
+    out = e16.decide_with_noise(obs, noise)
+    assert torch.equal(out.chosen_q, q_exact[0, out.index])

@@ -54,15 +54,15 @@ class CompiledCpuEngine(Engine):
                 f"the compiled CPU engine supports float32 and bfloat16, not {self.dtype}"
             )
         _use_cache_dir(cache_dir)
-        if self.dtype != torch.float32:
-            self.decision.to(dtype=self.dtype)
+        # bf16: the score network's products under autocast, critic and selection float32.
+        self.decision.trunk_dtype = None if self.dtype == torch.float32 else self.dtype
         self._fn = torch.compile(self.decision, mode=compile_mode, fullgraph=True, dynamic=False)
         self.info.update(compile_mode=compile_mode or "default")
 
     @torch.no_grad()
     def _run(self, obs: Tensor, noise: DecisionNoise | None) -> DecisionOutput:
         noise = self._draw_noise() if noise is None else noise
-        return to_output(self._fn(*(t.to(self.dtype) for t in (obs, *noise))))
+        return to_output(self._fn(obs, *noise))
 
 
 class CompiledCudaEngine(CudaGraphEngine):

@@ -10,8 +10,9 @@ A second graph, captured on first use, takes the noise from static input buffers
 (``decide_with_noise``, for parity tests). ``load_weights`` copies into the parameters in
 place, so both graphs stay valid. With ``compile_mode`` set (the "compiled" engine) the
 captured module is ``torch.compile``d first, so the graph replays Triton kernels.
-In bfloat16/float16 the matrix products run under autocast; LayerNorm, the residual
-stream and the reverse update stay float32.
+In bfloat16/float16 the score network's matrix products run under autocast
+(``Decision.trunk_dtype``); LayerNorm, the residual stream, the reverse update, the critic
+and the selection stay float32.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class CudaGraphEngine(Engine):
         if self.dtype == torch.float64:
             raise ValueError("the CUDA-graph engine runs float32, bfloat16 or float16")
         self._autocast = self.dtype in (torch.bfloat16, torch.float16)
+        self.decision.trunk_dtype = self.dtype if self._autocast else None
         self._time_shares = TimeShareCache(self.decision)  # no time-embedding kernels per call
         self._fn: Callable[..., DecisionOutput] = self.decision
         if compile_mode is not None:
@@ -66,7 +68,7 @@ class CudaGraphEngine(Engine):
         self._graph_given: torch.cuda.CUDAGraph | None = None
         self._out_given: Tensor | None = None
         self.info.update(
-            precision="autocast" if self._autocast else "full",
+            precision="autocast (score network)" if self._autocast else "full",
             compile_mode=compile_mode,
             rng="in-graph philox (private generator)",
             card=torch.cuda.get_device_name(dev),
@@ -77,8 +79,7 @@ class CudaGraphEngine(Engine):
 
     # ------------------------------------------------------------------ capture
     def _packed(self, obs: Tensor, noise: DecisionNoise) -> Tensor:
-        with torch.autocast("cuda", dtype=self.dtype, enabled=self._autocast, cache_enabled=False):
-            out = self._fn(obs, *noise)
+        out = self._fn(obs, *noise)
         f = torch.float32
         cols = [
             out.action.to(f),

@@ -1,8 +1,9 @@
 """The eager engine: ``Agent.decision`` as written, under ``torch.inference_mode``.
 
 The baseline every other engine is timed against. In float32/float64 the whole module
-runs in that dtype; in bfloat16/float16 on a GPU the matrix products run under autocast
-(LayerNorm, the residual stream and the reverse update stay float32).
+runs in that dtype; in bfloat16/float16 the score network's matrix products run under
+autocast (``Decision.trunk_dtype``); LayerNorm, the residual stream, the reverse update,
+the critic and the selection stay float32.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class EagerEngine(Engine):
             self.decision.double()
         if self._autocast and self.device.type == "cpu" and self.dtype == torch.float16:
             raise ValueError("float16 is a GPU dtype; use float32 or bfloat16 on the CPU")
-        self.info["precision"] = "autocast" if self._autocast else "full"
+        self.info["precision"] = "autocast (score network)" if self._autocast else "full"
+        self.decision.trunk_dtype = self.dtype if self._autocast else None
 
     @torch.inference_mode()
     def _run(self, obs: Tensor, noise: DecisionNoise | None) -> DecisionOutput:
@@ -34,6 +36,4 @@ class EagerEngine(Engine):
         wide = torch.float64 if self.dtype == torch.float64 else torch.float32
         obs = obs.to(self.device, wide, non_blocking=True)
         args = [t.to(self.device, wide) for t in noise]
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast):
-            out = self.decision(obs, *args)
-        return to_output(out)
+        return to_output(self.decision(obs, *args))

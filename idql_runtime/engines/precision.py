@@ -151,7 +151,7 @@ def select_precision(
 
     ``build(dtype)`` builds an engine; ``fallback`` is an already-built float32 engine (used
     as is when the reduced one fails, or when there is no reduced dtype or no states).
-    The chosen engine's ``info["precision"]`` records the decision and its measurements.
+    The chosen engine's ``info["precision_check"]`` records the decision and its measurements.
     """
     engine32 = fallback if fallback is not None else None
     if reduced is None or states is None or len(states) == 0:
@@ -161,15 +161,15 @@ def select_precision(
             else ("no calibration states")
         )
         engine32 = engine32 or build("float32")
-        engine32.info["precision"] = {"chosen": "float32", "why": why}
+        engine32.info["precision_check"] = {"chosen": "float32", "why": why}
         return engine32
     engine = build(reduced)
     report = precision_report(engine, states, seed=seed)
     ok, why = precision_ok(report, limits)
     record = {"chosen": reduced if ok else "float32", "why": why, "tried": report}
     if ok:
-        engine.info["precision"] = record
+        engine.info["precision_check"] = record
         return engine
     engine32 = engine32 or build("float32")
-    engine32.info["precision"] = record
+    engine32.info["precision_check"] = record
     return engine32
