@@ -166,6 +166,66 @@ class LossyProxy:
         self._thread.join(timeout=5)
 
 
+class LossyPubProxy(LossyProxy):
+    """The weights link through a lossy hop: a SUB connected to the learner's PUB
+    (``backend``) republishes on its own PUB (``endpoint``, actors subscribe there),
+    dropping, duplicating and delaying (reordering) messages as ``LossyProxy`` does.
+    ``sent_versions`` lists the weight versions in the order they went out."""
+
+    def __init__(self, backend: str, **kw: Any) -> None:
+        import zmq
+
+        self.backend = backend
+        self.drop, self.dup = kw.get("drop", 0.1), kw.get("dup", 0.1)
+        self.reorder, self.max_delay_s = kw.get("reorder", 0.3), kw.get("max_delay_s", 0.05)
+        self.rng = np.random.default_rng(kw.get("seed", 0))
+        self.counts = {"down": Counter()}
+        self.sent_versions: list[int] = []
+        self._ctx = zmq.Context()
+        self._front = self._ctx.socket(zmq.PUB)
+        self._back = self._ctx.socket(zmq.SUB)
+        for sock in (self._front, self._back):
+            sock.setsockopt(zmq.LINGER, 0)
+        self._back.setsockopt(zmq.SUBSCRIBE, b"")
+        self._front.bind("tcp://127.0.0.1:*")
+        self.endpoint = self._front.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._back.connect(backend)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="LossyPubProxy", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import zmq
+
+        from idql_runtime import protocol as P
+
+        held: list[tuple[float, int, bytes]] = []
+        order = itertools.count()
+        try:
+            while not self._stop.is_set():
+                timeout = 10 if not held else max(0, min(10, (held[0][0] - time.monotonic()) * 1e3))
+                if self._back.poll(int(timeout)):
+                    while True:
+                        try:
+                            data = self._back.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        for delay in self._fate("down"):
+                            heapq.heappush(held, (time.monotonic() + delay, next(order), data))
+                now = time.monotonic()
+                while held and held[0][0] <= now:
+                    _, _, data = heapq.heappop(held)
+                    self._front.send(data)  # PUB never blocks: drops at its HWM
+                    with self._lock:
+                        self.counts["down"]["forwarded"] += 1
+                        self.sent_versions.append(int(P.decode(data)["version"]))
+        finally:
+            self._front.close(0)
+            self._back.close(0)
+            self._ctx.term()
+
+
 # --------------------------------------------------------------------------- small file system
 
 
