@@ -15,9 +15,11 @@ critic; only the selection mixes rows. So (``engines/triton_kernels.py``):
 
 Weights are packed once (and on ``load_weights``, in place) into padded contiguous
 buffers; float32 runs ``tl.dot`` in IEEE float32 (``input_precision="tf32"`` is an
-option); bfloat16/float16 store the big products' weights (block fc1/fc2, the middle
-layers of Q and V) in that dtype and accumulate in float32; the residual stream, LayerNorm,
-the small layers and the reverse update stay float32. On CUDA the launches (noise draws
+option); bfloat16/float16 store the score network's big products' weights (block
+fc1/fc2) in that dtype and accumulate in float32; the residual stream, LayerNorm, the
+small layers, the reverse update and the whole critic (Q and V) stay float32: rounding
+the critic to bf16 scrambled the pick on trained weights (regret p99 0.17 of the Q spread
+in the interpreter, docs/engines.md). On CUDA the launches (noise draws
 + the two kernels) are captured in a CUDA graph, so a decision is one replay.
 
 On the CPU the engine exists only for tests: with TRITON_INTERPRET=1 the same kernels run
@@ -253,7 +255,8 @@ class TritonEngine(Engine):
             num_warps=num_warps,
             num_stages=num_stages,
             precision=(
-                f"{dtype_name(self.dtype)} block/Q/V products, float32 accumulate"
+                f"{dtype_name(self.dtype)} score-network block products, float32 accumulate;"
+                " critic float32"
                 if self._lowp
                 else f"float32 ({self._prec})"
             ),
@@ -418,10 +421,10 @@ class TritonEngine(Engine):
         pad("qwa", w[:, c["OBS"] :], (e, ap, qp0))
         pad("qb0", q.layers[0].bias[:, 0], (e, qp0))
         if c["QDEPTH"] == 2:
-            pad("qw1", q.layers[1].weight, (e, qp0, qp1), low)
+            pad("qw1", q.layers[1].weight, (e, qp0, qp1))
             pad("qb1", q.layers[1].bias[:, 0], (e, qp1))
         else:
-            new["qw1"] = torch.zeros(e, qp0, qp1, device=dev, dtype=low)
+            new["qw1"] = torch.zeros(e, qp0, qp1, device=dev)
             new["qb1"] = torch.zeros(e, qp1, device=dev)
         last = q.layers[-1]
         pad("qwl", last.weight[:, :, 0], (e, qpl))
@@ -438,10 +441,10 @@ class TritonEngine(Engine):
         pad("vw0", lins[0].weight.T, (op, vp0))
         pad("vb0", lins[0].bias, (vp0,))
         if c["VDEPTH"] == 2:
-            pad("vw1", lins[1].weight.T, (vp0, vp1), low)
+            pad("vw1", lins[1].weight.T, (vp0, vp1))
             pad("vb1", lins[1].bias, (vp1,))
         else:
-            new["vw1"] = torch.zeros(vp0, vp1, device=dev, dtype=low)
+            new["vw1"] = torch.zeros(vp0, vp1, device=dev)
             new["vb1"] = torch.zeros(vp1, device=dev)
         pad("vwl", lins[-1].weight[0], (vpl,))
         pad("vbl", lins[-1].bias, (1,))

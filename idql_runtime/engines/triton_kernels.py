@@ -115,7 +115,7 @@ def decide_kernel(
     qwo_ptr,  # (E, OP, QP0) f32
     qwa_ptr,  # (E, AP, QP0) f32
     qb0_ptr,  # (E, QP0) f32
-    qw1_ptr,  # (E, QP0, QP1) storage dtype (QDEPTH == 2)
+    qw1_ptr,  # (E, QP0, QP1) float32 (QDEPTH == 2)
     qb1_ptr,  # (E, QP1) f32
     qwl_ptr,  # (E, QPL) f32: last layer, QPL = QP1 if QDEPTH == 2 else QP0
     qbl_ptr,  # (E,) f32
@@ -236,7 +236,8 @@ def decide_kernel(
             for c in range(QP1 // QC):
                 qcols = c * QC + tl.arange(0, QC)
                 w = tl.load(qw1_ptr + e * QP0 * QP1 + q0cols[:, None] * QP1 + qcols[None, :])
-                h2 = _mm(h1, w, tl.zeros((BM, QC), tl.float32), LOWP, UPCAST, PREC)
+                # float32 always: bf16 rounding of Q scrambles the pick (docs/engines.md)
+                h2 = _mm(h1, w, tl.zeros((BM, QC), tl.float32), False, False, PREC)
                 h2 = tl.maximum(h2 + tl.load(qb1_ptr + e * QP1 + qcols)[None, :], 0.0)
                 qe += tl.sum(h2 * tl.load(qwl_ptr + e * QPL + qcols)[None, :], axis=1)
         else:
@@ -255,7 +256,7 @@ def select_kernel(
     vlnb_ptr,  # (OP,) f32
     vw0_ptr,  # (OP, VP0) f32
     vb0_ptr,  # (VP0,) f32
-    vw1_ptr,  # (VP0, VP1) storage dtype (VDEPTH == 2)
+    vw1_ptr,  # (VP0, VP1) float32 (VDEPTH == 2)
     vb1_ptr,  # (VP1,) f32
     vwl_ptr,  # (VPL,) f32
     vbl_ptr,  # (1,) f32
@@ -322,7 +323,7 @@ def select_kernel(
         for c in range(VP1 // VC):
             vcols = c * VC + tl.arange(0, VC)
             w = tl.load(vw1_ptr + v0cols[:, None] * VP1 + vcols[None, :])
-            h2 = _mm(h1, w, tl.zeros((BB, VC), tl.float32), LOWP, UPCAST, PREC)
+            h2 = _mm(h1, w, tl.zeros((BB, VC), tl.float32), False, False, PREC)
             h2 = tl.maximum(h2 + tl.load(vb1_ptr + vcols)[None, :], 0.0)
             v += tl.sum(h2 * tl.load(vwl_ptr + vcols)[None, :], axis=1)
     else:
