@@ -118,6 +118,27 @@ def _check(
 # ---------------------------------------------------------------- CPU: Triton's interpreter
 @needs_triton
 @pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_leaves_the_critic_in_float32(dtype: str) -> None:
+    """Only the score network's block products are reduced: the Q of every candidate the
+    kernel produced equals the float32 torch critic on those same candidates (bf16 Q
+    scrambled the pick on trained weights: docs/engines.md)."""
+    eng = build_engine(_agent(), kind="triton", batch=2, samples=8, dtype=dtype)
+    bufs = eng._bufs  # type: ignore[attr-defined]
+    assert bufs["w1"].dtype == getattr(torch, dtype)  # the blocks are reduced ...
+    assert bufs["qw1"].dtype == bufs["vw1"].dtype == torch.float32  # ... the critic is not
+    obs, noise = _inputs(eng)
+    out = eng.decide_with_noise(obs, noise)
+    x, q = eng.last_candidates()  # type: ignore[attr-defined]
+    with torch.no_grad():
+        q32 = eng.decision.score_candidates(obs, x)
+        v32 = eng.decision.v(obs)
+    torch.testing.assert_close(q, q32, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.value, v32, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("mode", ["argmax", "implicit"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_matches_float64_reference_with_padding(dtype: str, mode: str) -> None:
