@@ -97,7 +97,13 @@ def shipped_python_files() -> list[Path]:
 def test_shipped_code_cannot_unpickle():
     files = shipped_python_files()
     names = {f.name for f in files}
-    assert {"protocol.py", "client.py", "raw_client.py", "actor_link.py", "learner_link.py"} <= names
+    assert {
+        "protocol.py",
+        "client.py",
+        "raw_client.py",
+        "actor_link.py",
+        "learner_link.py",
+    } <= names
     assert {"action_server.py", "security.py", "sockets.py"} <= names  # transport/
     found = [v for f in files for v in violations(f.read_text(), str(f.relative_to(ROOT)))]
     assert found == [], "\n".join(found)
