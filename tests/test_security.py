@@ -237,25 +237,33 @@ def test_curve_actor_id_speaks_only_with_its_key(keys, tmp_path, bound_by):
     learner = LearnerLink("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", curve=keys["server"],
                           weights_republish_s=None, actor_keys=persisted)  # fmt: skip
     kw = dict(batch_size=1, heartbeat_interval_s=0.05)
-    owner = ActorLink(learner.ingest_endpoint, None, 1, curve=keys["client"], **kw)
-    thief = ActorLink(learner.ingest_endpoint, None, 1, curve=other, **kw)
+    links: list[ActorLink] = []
+
+    def link(curve):
+        links.append(ActorLink(learner.ingest_endpoint, None, 1, curve=curve, **kw))
+        return links[-1]
+
     try:
-        if bound_by == "first_use":  # the owner must speak first
+        got: list = []
+        owner = None
+        if bound_by == "first_use":  # the owner speaks first (even a heartbeat binds)
+            owner = link(keys["client"])
             owner.submit({"r": np.float32(0.0)})
-            got = _drive(learner, lambda g: owner.stats()["acked"] == 1)
-        else:  # bound before anyone spoke: the thief may even come first
-            got = []
+            got += _drive(learner, lambda g: owner.stats()["acked"] == 1)
+        # else: bound before anyone spoke, so the thief may even come first
+        thief = link(other)
         for i in range(5):
             thief.submit({"r": np.float32(100.0 + i)})
-        _drive(learner, lambda g: thief.stats()["pending"] == 0)
+        got += _drive(learner, lambda g: thief.stats()["pending"] == 0)
+        owner = owner or link(keys["client"])
         for i in range(5):
             owner.submit({"r": np.float32(1.0 + i)})
         got += _drive(learner, lambda g: owner.stats()["pending"] == 0)
         owner_stats, thief_stats, link_stats = owner.stats(), thief.stats(), learner.stats()
         bindings = learner.actor_keys()
     finally:
-        owner.close()
-        thief.close()
+        for one in links:
+            one.close()
         learner.close()
     rewards = sorted(float(b.msg["arrays"]["r"][0]) for b in got)
     assert rewards == ([0.0] if bound_by == "first_use" else []) + [1.0, 2.0, 3.0, 4.0, 5.0]
