@@ -52,17 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = np.sort(rng.choice(len(store), size=args.states, replace=False))
         obs = store.read(0, len(store))["obs"][rows]
     else:
-        from idql_runtime.envs import make_env
+        from idql_runtime.engines.precision import rollout_states
 
-        env = make_env(env_id)
-        o, _ = env.reset(seed=args.seed)
-        states = []
-        while len(states) < args.states:
-            states.append(np.asarray(o, np.float32))
-            o, _, term, trunc, _ = env.step(env.action_space.sample())
-            if term or trunc:
-                o, _ = env.reset()
-        obs = np.stack(states)
+        def random_policy(_obs: np.ndarray) -> np.ndarray:
+            return rng.uniform(-1.0, 1.0, agent.act_dim).astype(np.float32)
+
+        obs = rollout_states(env_id, random_policy, args.states, seed=args.seed)
     ref = tuple(ckpt.meta["ref_scores"]) if ckpt.meta.get("ref_scores") else None
     ref = ref or (reference_scores(env_id) if env_id else None)
 

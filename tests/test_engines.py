@@ -42,7 +42,8 @@ def _noise(engine: Engine, seed: int = 1) -> DecisionNoise:
 
 
 class Reference:
-    """The float64 naive reference of an engine on given noise, with the full (B, N) Q."""
+    """The float64 naive reference of an engine on given noise: ``out`` (the decision),
+    ``x`` every candidate (B, N, A) and ``q`` its min-over-heads Q (B, N)."""
 
     def __init__(self, engine: Engine, obs: torch.Tensor, noise: DecisionNoise) -> None:
         self.out = engine.reference(obs, noise)
@@ -61,6 +62,7 @@ class Reference:
                 extra_final_steps=d64.extra_final_steps,
             )
             self.q = d64.q(obs64, x).amin(0).reshape(b, n)
+            self.x = x.reshape(b, n, a)
         torch.testing.assert_close(
             self.q.gather(1, self.out.index.view(b, 1)).squeeze(1), self.out.chosen_q
         )

@@ -29,15 +29,10 @@ class WorstPick(Engine):
     def _run(self, obs: torch.Tensor, noise: DecisionNoise | None) -> DecisionOutput:
         assert noise is not None
         ref = Reference(self, obs, noise)
-        d64 = ref.out
         idx = ref.q.argmin(dim=-1)
         rows = torch.arange(obs.shape[0])
-        x, _ = self.decision.to(torch.float64).candidates(
-            obs.double(), noise.x_init.double(), noise.step_noise.double()
-        )
-        self.decision.to(torch.float32)
         return DecisionOutput(
-            x[rows, idx].float(), ref.q[rows, idx].float(), d64.value.float(),
+            ref.x[rows, idx].float(), ref.q[rows, idx].float(), ref.out.value.float(),
             (ref.q.amax(-1) - ref.q.amin(-1)).float(), idx,
         )  # fmt: skip
 

@@ -19,21 +19,18 @@ candidates onto the clip boundary, where equal clipped actions hide errors and t
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from idql_runtime import diffusion
 from idql_runtime.agent import Agent
 from idql_runtime.config import config_from_flat
 from idql_runtime.decision import DecisionNoise
 from idql_runtime.engines import available_engines, build_engine
 from idql_runtime.engines.base import Engine, EngineUnavailable
-from tests.test_engines import TOL, assert_matches_reference, reference
+from tests.test_engines import TOL, Reference, assert_matches_reference, reference
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 if HAVE_TRITON:
@@ -74,37 +71,15 @@ def _inputs(eng: Engine, seed: int = 1) -> tuple[torch.Tensor, DecisionNoise]:
     return obs, DecisionNoise(0.5 * n.x_init, n.step_noise, n.u)
 
 
-def _reference_candidates(
-    eng: Engine, obs: torch.Tensor, noise: DecisionNoise
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 naive reference of every candidate (B, N, A) and its min-over-heads Q (B, N)."""
-    d64 = copy.deepcopy(eng.decision).to("cpu", torch.float64)
-    b, n, a = noise.x_init.shape
-    obs64 = obs.double().repeat_interleave(n, dim=0)
-    with torch.no_grad():
-        x = diffusion.sample(
-            d64.score,
-            obs64,
-            noise.x_init.double().reshape(b * n, a),
-            noise.step_noise.double().reshape(-1, b * n, a),
-            eng.schedule,
-            temperature=d64.temperature,
-            clip=d64.clip,
-            extra_final_steps=d64.extra_final_steps,
-        )
-        q = d64.q(obs64, x).amin(0).reshape(b, n)
-    return x.reshape(b, n, a), q
-
-
 def _check(
     eng: Engine, obs: torch.Tensor, noise: DecisionNoise, dtype: str, interior: bool = True
 ) -> None:
     """The chosen action/Q/V like every engine (``reference_decide`` in float64), then
     every candidate and every Q."""
     out = eng.decide_with_noise(obs, noise)
-    x64, q64 = _reference_candidates(eng, obs, noise)
-    ref = SimpleNamespace(out=eng.reference(obs, noise), q=q64)  # what Reference holds
-    assert_matches_reference(out, ref, dtype)  # type: ignore[arg-type]
+    ref = Reference(eng, obs, noise)
+    x64, q64 = ref.x, ref.q
+    assert_matches_reference(out, ref, dtype)
     x, q = eng.last_candidates()  # type: ignore[attr-defined]
     act_tol, q_rel = TOL[dtype]
     x_err = (x.double() - x64).abs().max().item()

@@ -153,23 +153,18 @@ def select_precision(
     as is when the reduced one fails, or when there is no reduced dtype or no states).
     The chosen engine's ``info["precision_check"]`` records the decision and its measurements.
     """
-    engine32 = fallback if fallback is not None else None
-    if reduced is None or states is None or len(states) == 0:
-        why = (
-            "no reduced precision on this engine/machine"
-            if reduced is None
-            else ("no calibration states")
-        )
-        engine32 = engine32 or build("float32")
-        engine32.info["precision_check"] = {"chosen": "float32", "why": why}
-        return engine32
-    engine = build(reduced)
-    report = precision_report(engine, states, seed=seed)
-    ok, why = precision_ok(report, limits)
-    record = {"chosen": reduced if ok else "float32", "why": why, "tried": report}
-    if ok:
-        engine.info["precision_check"] = record
-        return engine
-    engine32 = engine32 or build("float32")
-    engine32.info["precision_check"] = record
-    return engine32
+    if reduced is None:
+        record: dict[str, Any] = {"why": "no reduced precision on this engine/machine"}
+    elif states is None or len(states) == 0:
+        record = {"why": "no calibration states"}
+    else:
+        engine = build(reduced)
+        report = precision_report(engine, states, seed=seed)
+        ok, why = precision_ok(report, limits)
+        record = {"why": why, "tried": report}
+        if ok:
+            engine.info["precision_check"] = {"chosen": reduced, **record}
+            return engine
+    chosen = fallback if fallback is not None else build("float32")
+    chosen.info["precision_check"] = {"chosen": "float32", **record}
+    return chosen
