@@ -603,7 +603,8 @@ def test_raw_client_imports_nothing_from_the_package():
 
 def test_refused_weights_do_not_block_later_versions():
     """A protocol-valid update the actor refuses (e.g. wrong shapes) with a huge version
-    is forgotten by reject_weights, so the next good, smaller version still arrives."""
+    is forgotten by reject_weights, so the next good, smaller version still arrives, and
+    copies of the refused version still in flight (or republished) are not offered again."""
     learner = LearnerLink(LOOPBACK, LOOPBACK, weights_republish_s=None)
     actor = ActorLink(learner.ingest_endpoint, learner.weights_endpoint, 1)
     w = {"w": np.ones(3, np.float32)}
@@ -622,7 +623,7 @@ def test_refused_weights_do_not_block_later_versions():
             lambda: got.append(actor.poll_weights()) or got[-1] is not None,
             5.0,
             0.02,
-            poll=lambda: learner.publish_weights(7, w),
+            poll=lambda: (learner.publish_weights(10**12, w), learner.publish_weights(7, w)),
         )
         assert got[-1][0] == 7 and actor.stats()["weights_rejected"] == 1
     finally:

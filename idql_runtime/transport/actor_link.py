@@ -160,6 +160,7 @@ class ActorLink:
         self._counts = dict.fromkeys(_ACTOR_COUNTERS, 0)
         self._new_weights: tuple[int, dict[str, np.ndarray]] | None = None
         self._weights_version = -1
+        self._refused_versions: deque[int] = deque(maxlen=64)  # their copies in flight too
         self._connected = False
         self._ever_connected = False
         self._down_since = math.inf  # monotonic time of the last DISCONNECTED event
@@ -255,10 +256,12 @@ class ActorLink:
 
     def reject_weights(self, version: int, current_version: int) -> None:
         """The consumer refused ``version`` (e.g. shapes that do not fit its model): forget
-        it, so a refused update with a huge version cannot block every later good one."""
+        it, so a refused update with a huge version cannot block every later good one, and
+        drop the copies of it still in flight (a learner republishes its latest weights)."""
         with self._lock:
             if self._weights_version == version:
                 self._weights_version = current_version
+            self._refused_versions.append(version)
             self._counts["weights_rejected"] += 1
 
     def flush(self, timeout_s: float) -> bool:
@@ -454,7 +457,9 @@ class ActorLink:
                 if msg["type"] != WEIGHTS:
                     raise ProtocolError(E_UNSUPPORTED, f"expected weights, got {msg['type']}")
                 version = msg["version"]
-                if version <= self._weights_version:
+                with self._lock:
+                    refused = version in self._refused_versions
+                if refused or version <= self._weights_version:
                     if version < self._weights_version:
                         with self._lock:
                             self._counts["weights_stale"] += 1
