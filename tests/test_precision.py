@@ -53,6 +53,25 @@ def test_candidates_are_the_naive_references_candidates():
     torch.testing.assert_close(x[torch.arange(2), ref.out.index], ref.out.action)
 
 
+def test_reference_is_free_of_the_engines_speedups():
+    """The GPU engines serve the time shares from a float32 cache on their device and run
+    the score network in bf16: the float64 reference must do neither (on a GPU engine the
+    cached buffer raised a device mismatch inside precision_report)."""
+    from idql_runtime.engines.base import TimeShareCache
+
+    engine = build_engine(_agent(0, tiny=True), kind="eager", batch=2, samples=8)
+    TimeShareCache(engine.decision)  # what cuda_graph / compiled attach
+    engine.decision.trunk_dtype = torch.bfloat16
+    assert engine.decision.time_shares(torch.float64, torch.device("cpu")).dtype == torch.float32
+    d64 = engine.reference_decision()
+    assert d64.trunk_dtype is None
+    shares = d64.time_shares(torch.float64, torch.device("cpu"))
+    assert shares.dtype == torch.float64
+    want = engine.decision.time_shares(torch.float32, torch.device("cpu")).double()
+    torch.testing.assert_close(shares, want, rtol=1e-6, atol=1e-6)
+    assert engine.decision.trunk_dtype == torch.bfloat16  # the engine keeps its own
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_float32_cpu_engine_has_no_regret(batch):
     engine = build_engine(_agent(0, tiny=True), kind="cpu", batch=batch, samples=16)

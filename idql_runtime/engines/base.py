@@ -215,9 +215,18 @@ class Engine(abc.ABC):
         copy_weights_into(self.decision, tensors, partial=partial)
         self._weights_changed()
 
+    def reference_decision(self) -> Decision:
+        """A float64 CPU copy of this engine's decision without the engine's speed-ups (its
+        time-share cache on the engine's device, its reduced-precision score network):
+        the reference to measure the engine against."""
+        d64 = copy.deepcopy(self.decision)
+        d64.__dict__.pop("time_shares", None)  # TimeShareCache's float32 buffer, on its device
+        d64.trunk_dtype = None
+        return d64.to("cpu", torch.float64)
+
     def reference(self, obs: Tensor, noise: DecisionNoise) -> DecisionOutput:
         """The float64 naive reference on a float64 CPU copy of this engine's weights."""
-        d64 = copy.deepcopy(self.decision).to("cpu", torch.float64)
+        d64 = self.reference_decision()
         return reference_decide(
             d64,
             torch.as_tensor(obs).to(torch.float64),

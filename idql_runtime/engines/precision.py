@@ -21,7 +21,6 @@ it moves the action must stay small at the 99th percentile.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -47,7 +46,7 @@ def precision_report(engine: Any, obs: np.ndarray, *, seed: int = 0) -> dict[str
     m = len(obs)
     if m == 0:
         raise ValueError("precision_report needs at least one observation")
-    d64 = copy.deepcopy(engine.decision).to("cpu", torch.float64)
+    d64 = engine.reference_decision()
     gen = torch.Generator().manual_seed(seed)
     regret, action_err, same = [], [], []
     for start in range(0, m, spec.batch):
