@@ -1,5 +1,5 @@
-"""The "triton" engine (the decision in two fused Triton kernels) against the float64
-reference.
+"""The "triton" engine (the decision in fused Triton kernels, "split" and "fused"
+layouts) against the float64 reference.
 
 Without a GPU the kernels run in Triton's interpreter (numpy on CPU tensors): the engine
 is built with device="cpu" while TRITON_INTERPRET=1 is set for the test (monkeypatch, so
@@ -114,29 +114,42 @@ def test_reduced_precision_leaves_the_critic_in_float32(dtype: str) -> None:
 
 @needs_triton
 @pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("layout", ["split", "fused"])
 @pytest.mark.parametrize("mode", ["argmax", "implicit"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_matches_float64_reference_with_padding(dtype: str, mode: str) -> None:
+def test_matches_float64_reference_with_padding(dtype: str, mode: str, layout: str) -> None:
     """Hopper dims (obs 11, act 3) and widths 48/40/24 all pad; B*N = 30 leaves a partial
-    row tile and tiles that span two states."""
+    row tile and tiles that span two states. Split: 32-column slices, 2 programs per row
+    tile writing 2 parts of the same rows."""
     agent = _agent()
     for batch, samples in ((1, 16), (3, 10)):
         eng = build_engine(
-            agent, kind="triton", batch=batch, samples=samples, mode=mode, dtype=dtype
+            agent,
+            kind="triton",
+            batch=batch,
+            samples=samples,
+            mode=mode,
+            dtype=dtype,
+            layout=layout,
+            split_width=32,
+            hidden_chunk=16,
         )
         assert eng.name == "triton" and eng.info["interpret"] is True
+        assert eng.info["layout"] == layout
+        assert eng.info["kernels"] == (2 + 5 * 2 if layout == "split" else 2)
         _check(eng, *_inputs(eng), dtype)
 
 
 @needs_triton
 @pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("layout", ["split", "fused"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_full_v2_sizes_match_reference(dtype: str) -> None:
+def test_full_v2_sizes_match_reference(dtype: str, layout: str) -> None:
     """Default (v2) networks: width 256, 3 blocks x 1024 in hidden chunks, Q/V 256-256,
     the VP schedule; the decision the GPU will run, as the other engines' tests use it."""
     torch.manual_seed(0)
     agent = Agent(config_from_flat({}), 17, 6)
-    eng = build_engine(agent, kind="triton", batch=1, samples=16, dtype=dtype)
+    eng = build_engine(agent, kind="triton", batch=1, samples=16, dtype=dtype, layout=layout)
     obs = torch.randn(1, 17, generator=torch.Generator().manual_seed(7))
     noise = DecisionNoise.draw(eng.spec, generator=torch.Generator().manual_seed(1))
     _check(eng, obs, noise, dtype, interior=False)
@@ -144,6 +157,7 @@ def test_full_v2_sizes_match_reference(dtype: str) -> None:
 
 VARIANTS = {
     "v1-mish-no-value-ln": ({"version": "v1", "network.time_dim": 8}, 11, 3, {}),
+    "v1-fused": ({"version": "v1", "network.time_dim": 8}, 11, 3, {"layout": "fused"}),
     "relu-no-ln-1-layer-critic-exponential": (
         {
             "network.activation": "relu",
@@ -157,13 +171,31 @@ VARIANTS = {
         },
         100,  # obs pads to 128: two 64-wide chunks of the obs projections
         5,
-        {},
+        {"split_width": 16, "hidden_chunk": 16},
+    ),
+    "relu-no-ln-fused": (
+        {
+            "network.activation": "relu",
+            "network.layer_norm": False,
+            "critic.hidden": [32],
+            "diffusion.extra_final_steps": 2,
+            "diffusion.clip_sampler": False,
+        },
+        100,
+        5,
+        {"layout": "fused"},
     ),
     "quantile-3-heads-T3-options": (
         {"critic.value_loss": "quantile", "critic.tau": 0.9, "critic.num_qs": 3},
         17,
         6,
-        {"block_m": 32, "hidden_chunk": 16, "num_warps": 4},
+        {"block_m": 32, "hidden_chunk": 16, "num_warps": 4, "layout": "fused"},
+    ),
+    "quantile-3-heads-split-options": (
+        {"critic.value_loss": "quantile", "critic.tau": 0.9, "critic.num_qs": 3},
+        17,
+        6,
+        {"block_m": 32, "split_width": 64, "hidden_chunk": 32, "num_warps": 8},
     ),
 }
 
@@ -269,13 +301,19 @@ def test_unsupported_options_are_named_not_miscomputed() -> None:
         build_engine(_agent(), kind="triton", block_m=24)
     with pytest.raises(ValueError, match="input_precision"):
         build_engine(_agent(), kind="triton", input_precision="bf16x3")
+    with pytest.raises(ValueError, match="layout"):
+        build_engine(_agent(), kind="triton", layout="tiled")
+    with pytest.raises(ValueError, match="split_width"):
+        build_engine(_agent(), kind="triton", split_width=48)
 
 
 @needs_triton
 def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    """The GPU build of the exact v2 kernels (float32 and bf16) goes through Triton's
-    compiler and its bundled ptxas for sm_90, and fits an H100's 227 KiB of shared
-    memory per block. Says nothing about speed or GPU numerics."""
+    """The GPU build of the exact v2 kernels (float32 and bf16, both layouts) goes through
+    Triton's compiler and its bundled ptxas for sm_90, fits an H100's 227 KiB of shared
+    memory per block, and spills (almost) no registers: at 4 warps the selection kernel
+    spilled ~12 kB per thread to local memory (ptxas 12.8, Triton 3.6, the GPU machine's).
+    Says nothing about speed or GPU numerics."""
     from idql_runtime.engines.triton_fused import _triton_imported_interpreted
 
     if _triton_imported_interpreted():
@@ -284,15 +322,23 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # to build the engine on the CPU
     torch.manual_seed(0)
     agent = Agent(config_from_flat({}), 17, 6)
-    for dtype in ("bfloat16", "float32"):
-        eng = build_engine(agent, kind="triton", batch=1, samples=16, dtype=dtype)
-        if dtype == "bfloat16":  # interpreter first: it must not spoil compiling
-            eng.decide(torch.zeros(1, 17).numpy())
+    kernels = {
+        "fused": {"decide_kernel", "select_kernel"},
+        "split": {"block_kernel", "finish_kernel", "select_kernel"},
+    }
+    small = build_engine(agent, kind="triton", batch=1, samples=16, dtype="bfloat16")
+    small.decide(torch.zeros(1, 17).numpy())  # interpreter first: it must not spoil compiling
+    for dtype, layout in (("bfloat16", "split"), ("float32", "split"), ("bfloat16", "fused")):
+        eng = build_engine(agent, kind="triton", batch=1, samples=128, dtype=dtype, layout=layout)
         info = eng.compile_for(90)  # type: ignore[attr-defined]
-        assert set(info) == {"decide_kernel", "select_kernel"}
+        assert set(info) == kernels[layout]
         for name, k in info.items():
             assert 0 < k["shared_bytes"] <= 227 * 1024, (dtype, name, k)
             assert k["cubin_bytes"] > 0
+            assert k["registers"] is not None and 0 < k["registers"] <= 255, (name, k)
+            # block_kernel's first-block variant: 0 with ptxas 12.8, 544 B with 12.9
+            limit = 1024 if name == "block_kernel" else 0
+            assert k["spill_bytes"] <= limit, (dtype, layout, name, k)
 
 
 # ---------------------------------------------------------------- GPU (compiled kernels)
@@ -304,9 +350,10 @@ def _v2_agent(seed: int = 0, linear: bool = False) -> Agent:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["split", "fused"])
 @pytest.mark.parametrize("mode", ["argmax", "implicit"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_gpu_matches_reference_and_eager(dtype: str, mode: str) -> None:
+def test_gpu_matches_reference_and_eager(dtype: str, mode: str, layout: str) -> None:
     """Full v2 sizes, N = 128: float64 reference, every candidate, and plain eager."""
     agent = _v2_agent()
     for batch, samples in ((1, 128), (4, 64)):
@@ -318,6 +365,7 @@ def test_gpu_matches_reference_and_eager(dtype: str, mode: str) -> None:
             mode=mode,
             dtype=dtype,
             device="cuda",
+            layout=layout,
         )
         obs = torch.randn(batch, 17)
         noise = DecisionNoise.draw(eng.spec, generator=torch.Generator().manual_seed(1))
@@ -337,6 +385,7 @@ def test_gpu_matches_reference_and_eager(dtype: str, mode: str) -> None:
             mode=mode,
             dtype=dtype,
             device="cuda",
+            layout=layout,
         )
         _check(lin, *_inputs(lin), dtype)  # interior candidates: every row compared
 
@@ -372,8 +421,13 @@ def test_gpu_load_weights_keeps_graph_valid() -> None:
 @pytest.mark.parametrize(
     "opts,dtype",
     [
-        ({"block_m": 32, "hidden_chunk": 128, "num_warps": 4}, "bfloat16"),
-        ({"block_m": 64, "num_warps": 8, "num_stages": 2}, "bfloat16"),
+        ({"layout": "fused", "block_m": 32, "hidden_chunk": 64, "num_warps": 4}, "bfloat16"),
+        ({"layout": "fused", "block_m": 64, "num_warps": 8, "num_stages": 2}, "bfloat16"),
+        ({"layout": "split", "block_m": 64, "split_width": 256, "num_warps": 8}, "bfloat16"),
+        ({"layout": "split", "split_width": 32, "hidden_chunk": 32}, "float16"),
+        ({"split_width": 128, "num_warps": 8}, "bfloat16"),
+        ({"split_width": 128, "hidden_chunk": 128, "num_warps": 8}, "bfloat16"),
+        ({"num_warps": 8}, "float32"),
         ({"input_precision": "tf32"}, "float32"),
     ],
 )

@@ -1,17 +1,25 @@
-"""The "triton" engine: the whole decision in two fused Triton kernels.
+"""The "triton" engine: the decision in Triton kernels, one CUDA graph per decision.
 
-Why: on an H100 the other GPU engines are bound by kernel launches, not math (cuda_graph
-~711 us, compiled + graph bf16 ~362 us at N = 128, B = 1, with ~60-160 small kernels per
-decision). Candidate rows are independent through all T reverse steps and through the
-critic; only the selection mixes rows. So (``engines/triton_kernels.py``):
+Why: on an H100/H200 the stock GPU engines are bound by kernel launches, not math
+(cuda_graph ~560-710 us, compiled + graph ~360 us at N = 128, B = 1, with ~60-160 small
+kernels per decision). Candidate rows are independent through all T reverse steps and
+through the critic; only the selection mixes rows. Two layouts
+(``engines/triton_kernels.py``):
 
-1. ``decide_kernel``, one program per BLOCK_M candidate rows (B*N rows in all): the
-   observation's share of the input projection, then every reverse step (input
-   projection, LN-ResNet blocks with the 4x-wide hidden layer kept in registers chunk by
-   chunk, output layer, DDPM update with the given noise, clipping), then the Q ensemble
-   on the final candidates with the min over heads. Writes x (B*N, A) and q (B*N,).
-2. ``select_kernel``, one program per 16 states: V(obs), argmax or the implicit-policy
-   draw, the gather, the packed output row.
+"split" (default): ``block_kernel`` once per (reverse step, LN-ResNet block), on a grid
+of (row tiles of BLOCK_M candidates) x (K = wide width / split_width slices): program
+(i, f) computes its slice's share of fc2(act(fc1(LN(h)))) and writes it as part f of the
+block's output; the next launch sums the K parts in a fixed order (deterministic). So one
+block's weights are spread over K programs (SMs) instead of each row tile streaming all
+of them. The first block of a step also computes the input projection, and advances x by
+the previous step's update. ``finish_kernel``: the last update, clip, and the Q ensemble.
+
+"fused": ``decide_kernel``, one program per BLOCK_M rows runs everything above (the
+wide layer kept in registers chunk by chunk). Fewer launches, but B*N/16 programs each
+stream every weight: slower at B = 1 on an H200 (659 vs ~480-530 us, docs/engines.md).
+
+Both end with ``select_kernel``: V(obs), argmax or the implicit-policy draw, the gather,
+the packed output row.
 
 Weights are packed once (and on ``load_weights``, in place) into padded contiguous
 buffers; float32 runs ``tl.dot`` in IEEE float32 (``input_precision="tf32"`` is an
@@ -19,12 +27,12 @@ option); bfloat16/float16 store the score network's big products' weights (block
 fc1/fc2) in that dtype and accumulate in float32; the residual stream, LayerNorm, the
 small layers, the reverse update and the whole critic (Q and V) stay float32: rounding
 the critic to bf16 scrambled the pick on trained weights (regret p99 0.17 of the Q spread
-in the interpreter, docs/engines.md). On CUDA the launches (noise draws
-+ the two kernels) are captured in a CUDA graph, so a decision is one replay.
+in the interpreter, docs/engines.md). On CUDA the noise draws and the launches are
+captured in a CUDA graph, so a decision is one replay.
 
 On the CPU the engine exists only for tests: with TRITON_INTERPRET=1 the same kernels run
-in Triton's interpreter (numpy). Its speed there means nothing; GPU speed and GPU
-correctness were not measured when this was written (docs/engines.md).
+in Triton's interpreter (numpy). Its speed there means nothing. GPU parity and speed were
+measured on an H200 (docs/engines.md, "The triton engine").
 """
 
 from __future__ import annotations
@@ -177,6 +185,41 @@ def load_kernels(interpret: bool) -> ModuleType:
     return _KERNELS[interpret]
 
 
+def _max_or_none(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else max(a, b)
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict[str, int | None]:
+    """Registers per thread and spilled bytes per thread (stores + loads) by ``ptxas -v``
+    (Triton's bundled one) on ``ptx``; None where ptxas is not found."""
+    import re
+    import subprocess
+    import tempfile
+
+    try:  # the ptxas Triton itself compiles with, for this architecture
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = Path(get_ptxas(arch).path)
+    except Exception:  # noqa: BLE001 - an older/newer Triton layout: report nothing
+        return {"registers": None, "spill_bytes": None}
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        res = subprocess.run(
+            [str(ptxas), "-v", f"--gpu-name=sm_{arch}{suffix}", str(src), "-o", str(src) + ".o"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    regs = re.search(r"Used (\d+) registers", res.stderr)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else None,
+    }
+
+
 def _p2(n: int, lo: int = 16) -> int:
     """The padded size of a dimension: a power of two, at least ``lo`` (tl.dot needs 16)."""
     p = 1
@@ -192,13 +235,17 @@ def _pow2_option(name: str, value: int) -> int:
 
 
 class TritonEngine(Engine):
-    """The decision as two Triton kernels (CUDA graph around them on a GPU).
+    """The decision in Triton kernels (one CUDA graph around them on a GPU).
 
-    Options: ``block_m`` candidate rows per program (16), ``hidden_chunk`` columns of the
-    4x-wide block layer per inner step (64 for bf16/fp16, 32 for float32),
-    ``num_warps`` (8: ptxas for sm_90 reports no spills at block_m 16 with 8, 3.7 kB of
-    spills with 4 at v2 sizes), ``num_stages`` (Triton's default), ``input_precision`` of the
-    float32 products ("ieee" default, or "tf32").
+    Options: ``layout`` "split" (default: one launch per reverse step and block, the wide
+    layer split across programs of ``split_width`` columns, then one for the last update
+    and the critic, one for the selection) or "fused" (one program per row tile runs the
+    whole decision, then the selection); ``block_m`` candidate rows per program (16:
+    larger tiles spill registers at v2 sizes); ``split_width`` (64); ``hidden_chunk``
+    columns of the wide layer per inner step (64 for bf16/fp16, 32 for float32);
+    ``num_warps`` (8: at v2 sizes and block_m 16, ptxas 12.8 for sm_90 reports no spills
+    with 8 and spills with 4, see ``compile_for``); ``num_stages`` (Triton's default);
+    ``input_precision`` of the float32 products ("ieee" default, or "tf32").
     """
 
     name = "triton"
@@ -208,9 +255,11 @@ class TritonEngine(Engine):
         agent: Any,
         spec: DecisionSpec,
         *,
-        block_m: int = 16,
+        layout: str = "split",
+        block_m: int | None = None,
+        split_width: int = 64,
         hidden_chunk: int | None = None,
-        num_warps: int = 8,
+        num_warps: int | None = None,
         num_stages: int | None = None,
         input_precision: str = "ieee",
         **kw: Any,
@@ -228,29 +277,46 @@ class TritonEngine(Engine):
             )
         if input_precision not in ("ieee", "tf32"):
             raise ValueError(f"input_precision must be 'ieee' or 'tf32', got {input_precision!r}")
+        if layout not in ("split", "fused"):
+            raise ValueError(f"layout must be 'split' or 'fused', got {layout!r}")
         self.interpret = self.device.type == "cpu"
         self._k = load_kernels(self.interpret)
         self._lowp = self.dtype != torch.float32
+        rows = spec.batch * spec.samples
+        if block_m is None:
+            block_m = 16  # larger tiles spill at v2 sizes (32: 1.3 kB bf16, 42 kB float32)
         self._block_m = _pow2_option("block_m", block_m)
+        self._split = _pow2_option("split_width", split_width)
         chunk = hidden_chunk if hidden_chunk is not None else (64 if self._lowp else 32)
         self._chunk = _pow2_option("hidden_chunk", chunk)
+        if num_warps is None:
+            num_warps = 8  # ptxas (sm_90): no spills at v2 sizes; 4 spills (compile_for)
         self._opts: dict[str, int] = {"num_warps": num_warps}
         if num_stages is not None:
             self._opts["num_stages"] = num_stages
         self._prec = input_precision
+        self._layout_req = layout
         self._consts = self._structure()
+        self.layout = layout if self._consts["NB"] > 0 else "fused"  # split needs a block
         self._bufs: dict[str, Tensor] = {}
         self._pack()
-        s, dev = self.spec, self.device
-        rows = s.batch * s.samples
+        s, dev, c = self.spec, self.device, self._consts
+        if self.layout == "split":
+            # A block's output in K parts (ping-pong: block l writes [l % 2] and reads the
+            # previous block's [(l - 1) % 2]), and x before every step s >= 1.
+            k = c["FP"] // c["FS"]
+            self._h = torch.zeros(2, k, rows, c["HP"], device=dev)
+            self._xs = torch.zeros(max(1, c["S"]), rows, s.act_dim, device=dev)
         self._x = torch.zeros(rows, s.act_dim, device=dev)
         self._q = torch.zeros(rows, device=dev)
         self._cols = s.act_dim + 4  # action | chosen_q | value | adv_spread | index
         self._out = torch.zeros(s.batch, self._cols, device=dev)
         self._drawn: DecisionNoise | None = None
         self.info.update(
-            kernels=2,
+            layout=self.layout,
+            kernels=2 + (c["S"] * c["NB"] if self.layout == "split" else 0),
             block_m=self._block_m,
+            split_width=self._consts["FS"] if self.layout == "split" else None,
             hidden_chunk=self._consts["FC"],
             num_warps=num_warps,
             num_stages=num_stages,
@@ -353,7 +419,8 @@ class TritonEngine(Engine):
             "ln_eps": ln_eps,
             "v_eps": float(v.norm.eps) if v_ln else 1e-6,
         }
-        c["FC"] = min(self._chunk, c["FP"])
+        c["FS"] = min(self._split, c["FP"])
+        c["FC"] = min(self._chunk, c["FP"], c["FS"] if self._layout_req == "split" else c["FP"])
         c["QPL"] = c["QP1"] if c["QDEPTH"] == 2 else c["QP0"]
         c["QC"] = min(64, c["QP1"])
         c["VPL"] = c["VP1"] if c["VDEPTH"] == 2 else c["VP0"]
@@ -461,9 +528,9 @@ class TritonEngine(Engine):
     # ------------------------------------------------------------------ launches
     def _kernel_calls(
         self, obs: Tensor, x0: Tensor, z: Tensor, u: Tensor
-    ) -> list[tuple[Any, tuple[int], list[Any], dict[str, Any], dict[str, int]]]:
-        """(kernel, grid, positional args, constexprs, launch options) of the two launches:
-        candidates + Q into self._x/_q, then the packed rows into self._out."""
+    ) -> list[tuple[Any, tuple[int, ...], list[Any], dict[str, Any], dict[str, int]]]:
+        """(kernel, grid, positional args, constexprs, launch options) of every launch, in
+        order: candidates + Q into self._x/_q, then the packed rows into self._out."""
         c, b, s = self._consts, self._bufs, self.spec
         rows = s.batch * s.samples
         low = {
@@ -472,21 +539,59 @@ class TritonEngine(Engine):
             "PREC": self._prec,
         }
         bm, bb = self._block_m, 16
-        decide_args = [
-            obs, x0, z, b["coef"],
-            b["wo"], b["bin"], b["wa"], b["ts"],
-            b["lng"], b["lnb"], b["w1"], b["b1"], b["w2"], b["b2"], b["wout"], b["bout"],
-            b["qwo"], b["qwa"], b["qb0"], b["qw1"], b["qb1"], b["qwl"], b["qbl"],
-            self._x, self._q,
-            c["ln_eps"], rows, s.samples,
-        ]  # fmt: skip
-        decide_const = {
-            k: c[k]
-            for k in (
-                "OBS A H OP OC AP HP FP FC NB T S LN ACT CLIP E QP0 QP1 QPL QC QDEPTH".split()
+        tiles = -(-rows // bm)
+        critic = [b[k] for k in ("qwo", "qwa", "qb0", "qw1", "qb1", "qwl", "qbl")]
+        critic_const = {k: c[k] for k in "E QP0 QP1 QPL QC QDEPTH".split()}
+        calls: list[tuple[Any, tuple[int, ...], list[Any], dict[str, Any], dict[str, int]]] = []
+        if self.layout == "fused":
+            decide_args = [
+                obs, x0, z, b["coef"],
+                b["wo"], b["bin"], b["wa"], b["ts"],
+                b["lng"], b["lnb"], b["w1"], b["b1"], b["w2"], b["b2"], b["wout"], b["bout"],
+                *critic, self._x, self._q,
+                c["ln_eps"], rows, s.samples,
+            ]  # fmt: skip
+            decide_const = {k: c[k] for k in "OBS A H OP OC AP HP FP FC NB T S LN ACT CLIP".split()}
+            decide_const.update(critic_const, BM=bm, **low)
+            calls.append((self._k.decide_kernel, (tiles,), decide_args, decide_const, self._opts))
+        else:
+            nb, steps = c["NB"], c["S"]
+            hbuf, xbuf = self._h, self._xs
+
+            def x_before(step: int) -> Tensor:  # x0, then x written by step's first block
+                return x0 if step == 0 else xbuf[step]
+
+            block_const = {k: c[k] for k in "OBS A H OP OC AP HP FP FC FS T LN ACT CLIP".split()}
+            block_const.update(K=c["FP"] // c["FS"], BM=bm, **low)
+            weights = [b[k] for k in "wo bin wa ts lng lnb w1 b1 w2 b2 wout bout".split()]
+            grid = (tiles, c["FP"] // c["FS"])
+            for step in range(steps):
+                for blk in range(nb):
+                    layer = step * nb + blk
+                    args = [
+                        obs, x_before(max(step - 1, 0)), x_before(step), z, b["coef"],
+                        hbuf[(layer - 1) % 2], hbuf[layer % 2], *weights,
+                        c["ln_eps"], rows, s.samples, step, blk,
+                    ]  # fmt: skip
+                    const = dict(block_const, FIRST=blk == 0, UPDATE=blk == 0 and step > 0)
+                    calls.append((self._k.block_kernel, grid, args, const, self._opts))
+            finish_args = [
+                obs, x_before(steps - 1), z, b["coef"], hbuf[(steps * nb - 1) % 2],
+                b["wout"], b["bout"], *critic, self._x, self._q, rows, s.samples,
+            ]  # fmt: skip
+            finish_const = {k: c[k] for k in "OBS A OP OC AP HP T S ACT CLIP".split()}
+            # 16 rows a program whatever block_m is: the float32 critic on more rows spills
+            fm = min(bm, 16)
+            finish_const.update(critic_const, K=c["FP"] // c["FS"], BM=fm, PREC=self._prec)
+            calls.append(
+                (
+                    self._k.finish_kernel,
+                    (-(-rows // fm),),
+                    finish_args,
+                    finish_const,
+                    {"num_warps": 8},
+                )
             )
-        }
-        decide_const.update(BM=bm, **low)
         select_args = [
             obs, u, self._x, self._q,
             b["vlng"], b["vlnb"], b["vw0"], b["vb0"], b["vw1"], b["vb1"], b["vwl"], b["vbl"],
@@ -498,25 +603,27 @@ class TritonEngine(Engine):
             k: c[k] for k in "NP OBS OP OC A AP VP0 VP1 VPL VC VDEPTH VLN MODE VL".split()
         }
         select_const.update(BB=bb, **low)
-        return [
-            (self._k.decide_kernel, (-(-rows // bm),), decide_args, decide_const, self._opts),
+        calls.append(
             (
                 self._k.select_kernel,
                 (-(-s.batch // bb),),
                 select_args,
                 select_const,
-                {"num_warps": 4},
-            ),
-        ]
+                {"num_warps": 8},  # at 4, ptxas (sm_90) spills ~12 kB per thread
+            )
+        )
+        return calls
 
     def _launch(self, obs: Tensor, x0: Tensor, z: Tensor, u: Tensor) -> None:
         for kernel, grid, args, const, opts in self._kernel_calls(obs, x0, z, u):
             kernel[grid](*args, **const, **opts)
 
     def compile_for(self, arch: int = 90) -> dict[str, dict[str, Any]]:
-        """Compile both kernels for CUDA compute capability ``arch`` without a GPU (Triton
+        """Compile every kernel for CUDA compute capability ``arch`` without a GPU (Triton
         brings its own ptxas): a check that the GPU build of this engine's exact kernels
-        goes through. Returns per kernel the shared memory (bytes) and the PTX/cubin sizes."""
+        goes through. Returns per kernel (the largest of its variants) the shared memory
+        (bytes), the PTX/cubin sizes, and, from ``ptxas -v`` on the PTX, the registers per
+        thread and the bytes spilled to local memory per thread (None without ptxas)."""
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -531,7 +638,12 @@ class TritonEngine(Engine):
         noise = DecisionNoise.draw(s, device=self.device)
         obs = torch.zeros(s.batch, s.obs_dim, device=self.device)
         out: dict[str, dict[str, Any]] = {}
+        seen: set[str] = set()
         for kernel, _, args, const, opts in self._kernel_calls(obs, *noise):
+            key = f"{kernel.__name__}{sorted(const.items())}"
+            if key in seen:  # the split layout launches block_kernel once per (step, block)
+                continue
+            seen.add(key)
             kernel = getattr(kernels, kernel.__name__)
             values = dict(zip(kernel.arg_names, args, strict=False))
             sig: dict[str, str] = {}
@@ -543,14 +655,20 @@ class TritonEngine(Engine):
                     sig[name] = types[v.dtype]
                 else:
                     sig[name] = "fp32" if isinstance(v, float) else "i32"
-            const = {**const, "UPCAST": False}
+            if "UPCAST" in const:
+                const = {**const, "UPCAST": False}
             options = backend.parse_options(dict(opts)).__dict__
             compiled = triton.compile(ASTSource(kernel, sig, const), target=target, options=options)
-            out[kernel.__name__] = {
+            got = {
                 "shared_bytes": int(compiled.metadata.shared),
                 "ptx_chars": len(compiled.asm["ptx"]),
                 "cubin_bytes": len(compiled.asm["cubin"]),
+                **_ptxas_report(compiled.asm["ptx"], arch),
             }
+            prev = out.get(kernel.__name__)
+            out[kernel.__name__] = (  # the largest variant of each kernel
+                got if prev is None else {k: _max_or_none(prev[k], v) for k, v in got.items()}
+            )
         return out
 
     def _launch_noise(self, obs: Tensor, noise: DecisionNoise) -> None:

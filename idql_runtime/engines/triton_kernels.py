@@ -95,6 +95,138 @@ def _row_stats(x, cmask, WIDTH: tl.constexpr, eps):
 
 
 @_jit
+def _obs_share(obs_ptr, bidx, rmask, wo_ptr, bin_ptr, hcols, OBS: tl.constexpr,
+               OP: tl.constexpr, OC: tl.constexpr, HP: tl.constexpr, BM: tl.constexpr,
+               PREC: tl.constexpr):  # fmt: skip
+    """The observation's share of the score network's input projection, incl. its bias."""
+    share = tl.zeros((BM, HP), tl.float32) + tl.load(bin_ptr + hcols)[None, :]
+    for k in range(OP // OC):
+        ocols = k * OC + tl.arange(0, OC)
+        ob = tl.load(
+            obs_ptr + bidx[:, None] * OBS + ocols[None, :],
+            mask=rmask[:, None] & (ocols < OBS)[None, :],
+            other=0.0,
+        )
+        w = tl.load(wo_ptr + ocols[:, None] * HP + hcols[None, :])
+        share = _mm(ob, w, share, False, False, PREC)
+    return share
+
+
+@_jit
+def _block_in(h, lng_ptr, lnb_ptr, blk, hcols, hmask, ln_eps, H: tl.constexpr,
+              HP: tl.constexpr, LN: tl.constexpr):  # fmt: skip
+    """The block's input: LayerNorm(h) over the true width (or h without LayerNorm)."""
+    if LN:
+        d, rstd = _row_stats(h, hmask, H, ln_eps)
+        g = tl.load(lng_ptr + blk * HP + hcols)
+        bb = tl.load(lnb_ptr + blk * HP + hcols)
+        y = d * rstd[:, None] * g[None, :] + bb[None, :]
+    else:
+        y = h
+    return y
+
+
+@_jit
+def _block_mlp(y, acc, w1_ptr, b1_ptr, w2_ptr, blk, hcols, f0, F_SPAN: tl.constexpr,
+               HP: tl.constexpr, FP: tl.constexpr, FC: tl.constexpr, BM: tl.constexpr,
+               ACT: tl.constexpr, LOWP: tl.constexpr, UPCAST: tl.constexpr,
+               PREC: tl.constexpr):  # fmt: skip
+    """acc + fc2(act(fc1(y))) over the wide columns [f0, f0 + F_SPAN), FC at a time: the
+    wide layer's chunk goes straight into the fc2 product and never leaves registers."""
+    for c in range(F_SPAN // FC):
+        fcols = f0 + c * FC + tl.arange(0, FC)
+        w1 = tl.load(w1_ptr + blk * HP * FP + hcols[:, None] * FP + fcols[None, :])
+        b1 = tl.load(b1_ptr + blk * FP + fcols)
+        mid = _mm(y, w1, tl.zeros((BM, FC), tl.float32), LOWP, UPCAST, PREC)
+        mid = _act(mid + b1[None, :], ACT)
+        w2 = tl.load(w2_ptr + blk * FP * HP + fcols[:, None] * HP + hcols[None, :])
+        acc = _mm(mid, w2, acc, LOWP, UPCAST, PREC)
+    return acc
+
+
+@_jit
+def _reverse_update(h, x, wout, bout, z_ptr, coef_ptr, s, rows, acols, xmask, R,
+                    A: tl.constexpr, AP: tl.constexpr, T: tl.constexpr, BM: tl.constexpr,
+                    ACT: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """x after reverse step s from the score network's last hidden state h: eps = out(act(h)),
+    x = (x - c_eps eps) / sqrt(alpha_t) + sigma_t z (no noise for s >= T), clipped."""
+    t = tl.maximum(T - 1 - s, 0)
+    c_inv = tl.load(coef_ptr + s * 4)
+    c_eps = tl.load(coef_ptr + s * 4 + 1)
+    c_sig = tl.load(coef_ptr + s * 4 + 2)
+    eps = _mm(_act(h, ACT), wout, tl.zeros((BM, AP), tl.float32), False, False, PREC)
+    eps = eps + bout[None, :]
+    # sigma is 0 in the coefficient table at t = 0 and for the extra steps (s >= T)
+    z = tl.load(z_ptr + t * R * A + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0)
+    x = c_inv * (x - c_eps * eps) + c_sig * z
+    if CLIP:
+        x = tl.minimum(tl.maximum(x, -1.0), 1.0)
+    return x
+
+
+@_jit
+def _critic(obs_ptr, bidx, rmask, x, acols, qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr,
+            qwl_ptr, qbl_ptr, OBS: tl.constexpr, OP: tl.constexpr, OC: tl.constexpr,
+            AP: tl.constexpr, E: tl.constexpr, QP0: tl.constexpr, QP1: tl.constexpr,
+            QPL: tl.constexpr, QC: tl.constexpr, QDEPTH: tl.constexpr, BM: tl.constexpr,
+            PREC: tl.constexpr):  # fmt: skip
+    """min over the E heads of Q(s, x) for BM candidate rows, all in float32 (bf16 rounding
+    of Q scrambles the pick, docs/engines.md)."""
+    q0cols = tl.arange(0, QP0)
+    q = tl.full((BM,), float("inf"), tl.float32)
+    for e in range(E):
+        h1 = tl.zeros((BM, QP0), tl.float32) + tl.load(qb0_ptr + e * QP0 + q0cols)[None, :]
+        for k in range(OP // OC):
+            ocols = k * OC + tl.arange(0, OC)
+            ob = tl.load(
+                obs_ptr + bidx[:, None] * OBS + ocols[None, :],
+                mask=rmask[:, None] & (ocols < OBS)[None, :],
+                other=0.0,
+            )
+            w = tl.load(qwo_ptr + e * OP * QP0 + ocols[:, None] * QP0 + q0cols[None, :])
+            h1 = _mm(ob, w, h1, False, False, PREC)
+        qwa = tl.load(qwa_ptr + e * AP * QP0 + acols[:, None] * QP0 + q0cols[None, :])
+        h1 = tl.maximum(_mm(x, qwa, h1, False, False, PREC), 0.0)
+        qe = tl.zeros((BM,), tl.float32) + tl.load(qbl_ptr + e)
+        if QDEPTH == 2:
+            for c in range(QP1 // QC):
+                qcols = c * QC + tl.arange(0, QC)
+                w = tl.load(qw1_ptr + e * QP0 * QP1 + q0cols[:, None] * QP1 + qcols[None, :])
+                h2 = _mm(h1, w, tl.zeros((BM, QC), tl.float32), False, False, PREC)
+                h2 = tl.maximum(h2 + tl.load(qb1_ptr + e * QP1 + qcols)[None, :], 0.0)
+                qe += tl.sum(h2 * tl.load(qwl_ptr + e * QPL + qcols)[None, :], axis=1)
+        else:
+            qe += tl.sum(h1 * tl.load(qwl_ptr + e * QPL + q0cols)[None, :], axis=1)
+        q = tl.minimum(q, qe)
+    return q
+
+
+@_jit
+def _candidates_out(x, obs_ptr, bidx, rows, rmask, acols, xmask, qwo_ptr, qwa_ptr, qb0_ptr,
+                    qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr, x_out_ptr, q_out_ptr,
+                    OBS: tl.constexpr, A: tl.constexpr, OP: tl.constexpr, OC: tl.constexpr,
+                    AP: tl.constexpr, E: tl.constexpr, QP0: tl.constexpr, QP1: tl.constexpr,
+                    QPL: tl.constexpr, QC: tl.constexpr, QDEPTH: tl.constexpr,
+                    BM: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """The final clip, then the candidates x and their Q (min over heads) to memory."""
+    x = tl.minimum(tl.maximum(x, -1.0), 1.0)
+    tl.store(x_out_ptr + rows[:, None] * A + acols[None, :], x, mask=xmask)
+    q = _critic(obs_ptr, bidx, rmask, x, acols, qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr,
+                qwl_ptr, qbl_ptr, OBS, OP, OC, AP, E, QP0, QP1, QPL, QC, QDEPTH, BM,
+                PREC)  # fmt: skip
+    tl.store(q_out_ptr + rows, q, mask=rmask)
+
+
+@_jit
+def _sum_parts(p_ptr, tile, rmask, R, HP: tl.constexpr, K: tl.constexpr, BM: tl.constexpr):
+    """The split layout's block output: the sum of its K parts, in a fixed order."""
+    h = tl.zeros((BM, HP), tl.float32)
+    for j in range(K):
+        h += tl.load(p_ptr + j * R * HP + tile, mask=rmask[:, None], other=0.0)
+    return h
+
+
+@_jit
 def decide_kernel(
     obs_ptr,  # (B, OBS) f32
     x0_ptr,  # (R, A) f32, R = B*N
@@ -150,6 +282,7 @@ def decide_kernel(
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """The whole decision but the selection, one program per BM rows ("fused" layout)."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < R
@@ -161,17 +294,7 @@ def decide_kernel(
     xmask = rmask[:, None] & amask[None, :]
 
     # The observation's share of the input projection, once for all steps.
-    obs_share = tl.zeros((BM, HP), tl.float32) + tl.load(bin_ptr + hcols)[None, :]
-    for k in range(OP // OC):
-        ocols = k * OC + tl.arange(0, OC)
-        ob = tl.load(
-            obs_ptr + bidx[:, None] * OBS + ocols[None, :],
-            mask=rmask[:, None] & (ocols < OBS)[None, :],
-            other=0.0,
-        )
-        w = tl.load(wo_ptr + ocols[:, None] * HP + hcols[None, :])
-        obs_share = _mm(ob, w, obs_share, False, False, PREC)
-
+    obs_share = _obs_share(obs_ptr, bidx, rmask, wo_ptr, bin_ptr, hcols, OBS, OP, OC, HP, BM, PREC)
     x = tl.load(x0_ptr + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0)
     wa = tl.load(wa_ptr + acols[:, None] * HP + hcols[None, :])
     wout = tl.load(wout_ptr + hcols[:, None] * AP + acols[None, :])
@@ -179,71 +302,172 @@ def decide_kernel(
 
     for s in range(S):  # s < T: t = T-1-s with noise; s >= T: extra t = 0 steps, no noise
         t = tl.maximum(T - 1 - s, 0)
-        c_inv = tl.load(coef_ptr + s * 4)
-        c_eps = tl.load(coef_ptr + s * 4 + 1)
-        c_sig = tl.load(coef_ptr + s * 4 + 2)
         h = obs_share + tl.load(ts_ptr + t * HP + hcols)[None, :]
         h = _mm(x, wa, h, False, False, PREC)
         for blk in range(NB):
-            if LN:
-                d, rstd = _row_stats(h, hmask, H, ln_eps)
-                g = tl.load(lng_ptr + blk * HP + hcols)
-                bb = tl.load(lnb_ptr + blk * HP + hcols)
-                y = d * rstd[:, None] * g[None, :] + bb[None, :]
-            else:
-                y = h
-            acc = tl.zeros((BM, HP), tl.float32)
-            for c in range(FP // FC):
-                fcols = c * FC + tl.arange(0, FC)
-                w1 = tl.load(w1_ptr + blk * HP * FP + hcols[:, None] * FP + fcols[None, :])
-                b1 = tl.load(b1_ptr + blk * FP + fcols)
-                mid = _mm(y, w1, tl.zeros((BM, FC), tl.float32), LOWP, UPCAST, PREC)
-                mid = _act(mid + b1[None, :], ACT)
-                w2 = tl.load(w2_ptr + blk * FP * HP + fcols[:, None] * HP + hcols[None, :])
-                acc = _mm(mid, w2, acc, LOWP, UPCAST, PREC)
+            y = _block_in(h, lng_ptr, lnb_ptr, blk, hcols, hmask, ln_eps, H, HP, LN)
+            acc = _block_mlp(y, tl.zeros((BM, HP), tl.float32), w1_ptr, b1_ptr, w2_ptr, blk,
+                             hcols, 0, FP, HP, FP, FC, BM, ACT, LOWP, UPCAST, PREC)  # fmt: skip
             h = h + acc + tl.load(b2_ptr + blk * HP + hcols)[None, :]
-        eps = _mm(_act(h, ACT), wout, tl.zeros((BM, AP), tl.float32), False, False, PREC)
-        eps = eps + bout[None, :]
-        z = tl.load(
-            z_ptr + t * R * A + rows[:, None] * A + acols[None, :],
-            mask=xmask & (s < T),
-            other=0.0,
-        )
-        x = c_inv * (x - c_eps * eps) + c_sig * z
-        if CLIP:
-            x = tl.minimum(tl.maximum(x, -1.0), 1.0)
-    x = tl.minimum(tl.maximum(x, -1.0), 1.0)
-    tl.store(x_out_ptr + rows[:, None] * A + acols[None, :], x, mask=xmask)
+        x = _reverse_update(h, x, wout, bout, z_ptr, coef_ptr, s, rows, acols, xmask, R,
+                            A, AP, T, BM, ACT, CLIP, PREC)  # fmt: skip
+    _candidates_out(x, obs_ptr, bidx, rows, rmask, acols, xmask, qwo_ptr, qwa_ptr, qb0_ptr,
+                    qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr, x_out_ptr, q_out_ptr, OBS, A, OP, OC,
+                    AP, E, QP0, QP1, QPL, QC, QDEPTH, BM, PREC)  # fmt: skip
 
-    # Critic: min over the E heads of Q(s, x) for the final candidates.
-    q0cols = tl.arange(0, QP0)
-    q = tl.full((BM,), float("inf"), tl.float32)
-    for e in range(E):
-        h1 = tl.zeros((BM, QP0), tl.float32) + tl.load(qb0_ptr + e * QP0 + q0cols)[None, :]
-        for k in range(OP // OC):
-            ocols = k * OC + tl.arange(0, OC)
-            ob = tl.load(
-                obs_ptr + bidx[:, None] * OBS + ocols[None, :],
-                mask=rmask[:, None] & (ocols < OBS)[None, :],
-                other=0.0,
+
+@_jit
+def block_kernel(
+    obs_ptr,  # (B, OBS) f32
+    xprev_ptr,  # (R, A) f32: x before reverse step s - 1 (x0 for s = 1); unread if s = 0
+    xcur_ptr,  # (R, A) f32: x before step s; read if s = 0, written here (f-slice 0) if s > 0
+    z_ptr,  # (T, R, A) f32
+    coef_ptr,  # (S, 4) f32
+    pin_ptr,  # (K, R, HP) f32: the previous block's output (of step s - 1 if blk = 0), in K parts
+    pout_ptr,  # (K, R, HP) f32: this block's output, part f written by the programs (., f)
+    wo_ptr, bin_ptr, wa_ptr, ts_ptr, lng_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    wout_ptr, bout_ptr,
+    ln_eps,
+    R,
+    N,
+    s,
+    blk,
+    OBS: tl.constexpr,
+    A: tl.constexpr,
+    H: tl.constexpr,
+    OP: tl.constexpr,
+    OC: tl.constexpr,
+    AP: tl.constexpr,
+    HP: tl.constexpr,
+    FP: tl.constexpr,
+    FC: tl.constexpr,
+    FS: tl.constexpr,
+    K: tl.constexpr,
+    T: tl.constexpr,
+    FIRST: tl.constexpr,
+    UPDATE: tl.constexpr,
+    LN: tl.constexpr,
+    ACT: tl.constexpr,
+    CLIP: tl.constexpr,
+    BM: tl.constexpr,
+    LOWP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """One LN-ResNet block of reverse step s ("split" layout), the wide layer split across
+    programs: program (i, f) takes rows [i BM, (i+1) BM) and wide columns [f FS, (f+1) FS),
+    and writes its share of fc2(act(fc1(LN(h)))) (plus h + b2 from f = 0) as part f of
+    the block's output; the next launch sums the K = FP / FS parts (in a fixed order:
+    deterministic, no atomics). K programs per row tile spread one block's weights over
+    as many SMs: each streams 1 / K of them.
+
+    FIRST (blk = 0): h is the step's input projection obs_share + time_share + x @ W_a,
+    computed here; with UPDATE (s > 0) x is first advanced by step s - 1 from the last
+    block's output of step s - 1 (every f-slice computes the same x; slice 0 stores it).
+    """
+    pid = tl.program_id(0)
+    fid = tl.program_id(1)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < R
+    acols = tl.arange(0, AP)
+    amask = acols < A
+    hcols = tl.arange(0, HP)
+    hmask = hcols < H
+    xmask = rmask[:, None] & amask[None, :]
+    tile = rows[:, None] * HP + hcols[None, :]
+    if FS == FC:
+        # One chunk: issue this program's weight loads first, so that they are in flight
+        # while the previous block's parts are summed and normalised.
+        fcols = fid * FS + tl.arange(0, FC)
+        w1 = tl.load(w1_ptr + blk * HP * FP + hcols[:, None] * FP + fcols[None, :])
+        w2 = tl.load(w2_ptr + blk * FP * HP + fcols[:, None] * HP + hcols[None, :])
+        b1 = tl.load(b1_ptr + blk * FP + fcols)
+    if FIRST:
+        bidx = tl.where(rmask, rows // N, 0)
+        if UPDATE:
+            x = tl.load(xprev_ptr + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0)
+            hprev = _sum_parts(pin_ptr, tile, rmask, R, HP, K, BM)
+            wout = tl.load(wout_ptr + hcols[:, None] * AP + acols[None, :])
+            bout = tl.load(bout_ptr + acols)
+            x = _reverse_update(hprev, x, wout, bout, z_ptr, coef_ptr, s - 1, rows, acols,
+                                xmask, R, A, AP, T, BM, ACT, CLIP, PREC)  # fmt: skip
+            tl.store(
+                xcur_ptr + rows[:, None] * A + acols[None, :],
+                x,
+                mask=xmask & ((rows[:, None] * 0 + fid) == 0),
             )
-            w = tl.load(qwo_ptr + e * OP * QP0 + ocols[:, None] * QP0 + q0cols[None, :])
-            h1 = _mm(ob, w, h1, False, False, PREC)
-        qwa = tl.load(qwa_ptr + e * AP * QP0 + acols[:, None] * QP0 + q0cols[None, :])
-        h1 = tl.maximum(_mm(x, qwa, h1, False, False, PREC), 0.0)
-        qe = tl.zeros((BM,), tl.float32) + tl.load(qbl_ptr + e)
-        if QDEPTH == 2:
-            for c in range(QP1 // QC):
-                qcols = c * QC + tl.arange(0, QC)
-                w = tl.load(qw1_ptr + e * QP0 * QP1 + q0cols[:, None] * QP1 + qcols[None, :])
-                # float32 always: bf16 rounding of Q scrambles the pick (docs/engines.md)
-                h2 = _mm(h1, w, tl.zeros((BM, QC), tl.float32), False, False, PREC)
-                h2 = tl.maximum(h2 + tl.load(qb1_ptr + e * QP1 + qcols)[None, :], 0.0)
-                qe += tl.sum(h2 * tl.load(qwl_ptr + e * QPL + qcols)[None, :], axis=1)
         else:
-            qe += tl.sum(h1 * tl.load(qwl_ptr + e * QPL + q0cols)[None, :], axis=1)
-        q = tl.minimum(q, qe)
-    tl.store(q_out_ptr + rows, q, mask=rmask)
+            x = tl.load(xcur_ptr + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0)
+        t = tl.maximum(T - 1 - s, 0)
+        h = _obs_share(obs_ptr, bidx, rmask, wo_ptr, bin_ptr, hcols, OBS, OP, OC, HP, BM, PREC)
+        h = h + tl.load(ts_ptr + t * HP + hcols)[None, :]
+        wa = tl.load(wa_ptr + acols[:, None] * HP + hcols[None, :])
+        h = _mm(x, wa, h, False, False, PREC)
+    else:
+        h = _sum_parts(pin_ptr, tile, rmask, R, HP, K, BM)
+    y = _block_in(h, lng_ptr, lnb_ptr, blk, hcols, hmask, ln_eps, H, HP, LN)
+    lead = ((hcols * 0 + fid) == 0).to(tl.float32)  # h and fc2's bias: added by slice 0
+    acc = (h + tl.load(b2_ptr + blk * HP + hcols)[None, :]) * lead[None, :]
+    if FS == FC:
+        mid = _mm(y, w1, tl.zeros((BM, FC), tl.float32), LOWP, UPCAST, PREC)
+        acc = _mm(_act(mid + b1[None, :], ACT), w2, acc, LOWP, UPCAST, PREC)
+    else:
+        acc = _block_mlp(y, acc, w1_ptr, b1_ptr, w2_ptr, blk, hcols, fid * FS, FS, HP, FP, FC,
+                         BM, ACT, LOWP, UPCAST, PREC)  # fmt: skip
+    tl.store(pout_ptr + fid * R * HP + tile, acc, mask=rmask[:, None])
+
+
+@_jit
+def finish_kernel(
+    obs_ptr,  # (B, OBS) f32
+    xprev_ptr,  # (R, A) f32: x before the last reverse step
+    z_ptr,  # (T, R, A) f32
+    coef_ptr,  # (S, 4) f32
+    pin_ptr,  # (K, R, HP) f32: the last block's output of the last step, in K parts
+    wout_ptr, bout_ptr, qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr,
+    x_out_ptr,  # (R, A) f32
+    q_out_ptr,  # (R,) f32
+    R,
+    N,
+    OBS: tl.constexpr,
+    A: tl.constexpr,
+    OP: tl.constexpr,
+    OC: tl.constexpr,
+    AP: tl.constexpr,
+    HP: tl.constexpr,
+    K: tl.constexpr,
+    T: tl.constexpr,
+    S: tl.constexpr,
+    ACT: tl.constexpr,
+    CLIP: tl.constexpr,
+    E: tl.constexpr,
+    QP0: tl.constexpr,
+    QP1: tl.constexpr,
+    QPL: tl.constexpr,
+    QC: tl.constexpr,
+    QDEPTH: tl.constexpr,
+    BM: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """The "split" layout's last launch before the selection: the last reverse step's
+    update, the final clip, and the critic on the candidates."""
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < R
+    bidx = tl.where(rmask, rows // N, 0)
+    acols = tl.arange(0, AP)
+    amask = acols < A
+    hcols = tl.arange(0, HP)
+    xmask = rmask[:, None] & amask[None, :]
+    x = tl.load(xprev_ptr + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0)
+    h = _sum_parts(pin_ptr, rows[:, None] * HP + hcols[None, :], rmask, R, HP, K, BM)
+    wout = tl.load(wout_ptr + hcols[:, None] * AP + acols[None, :])
+    bout = tl.load(bout_ptr + acols)
+    x = _reverse_update(h, x, wout, bout, z_ptr, coef_ptr, S - 1, rows, acols, xmask, R,
+                        A, AP, T, BM, ACT, CLIP, PREC)  # fmt: skip
+    _candidates_out(x, obs_ptr, bidx, rows, rmask, acols, xmask, qwo_ptr, qwa_ptr, qb0_ptr,
+                    qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr, x_out_ptr, q_out_ptr, OBS, A, OP, OC,
+                    AP, E, QP0, QP1, QPL, QC, QDEPTH, BM, PREC)  # fmt: skip
 
 
 @_jit
