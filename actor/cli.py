@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], Any]:
+    """(agent, engine, checkpoint meta, the float32 engine to fall back to or None)."""
     import torch
 
     from idql_runtime.checkpoint import load_checkpoint, restore_agent
@@ -138,16 +139,20 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
         )
 
     log = logging.getLogger("idql-actor")
+    fallback = None
     if args.dtype != "auto":
         engine = build(args.dtype)
     else:
-        engine = _auto_precision(args, build, ckpt.meta)
+        engine, fallback = _auto_precision(args, build, ckpt.meta)
     log.info("engine: %s (%s)", engine.name, engine.describe()["dtype"])
-    return agent, engine, ckpt.meta
+    return agent, engine, ckpt.meta, fallback
 
 
-def _auto_precision(args: argparse.Namespace, build: Any, meta: dict[str, Any]) -> Any:
-    """--dtype auto: try the reduced precision on states the float32 policy visits."""
+def _auto_precision(args: argparse.Namespace, build: Any, meta: dict[str, Any]) -> tuple[Any, Any]:
+    """--dtype auto: try the reduced precision on states the float32 policy visits.
+
+    Returns the engine and, when that is the reduced one, the float32 engine: the actor
+    switches to it when an update changes the score network the check was run on."""
     from idql_runtime.engines import resolve_kind
     from idql_runtime.engines.precision import reduced_dtype_for, rollout_states, select_precision
 
@@ -173,14 +178,14 @@ def _auto_precision(args: argparse.Namespace, build: Any, meta: dict[str, Any]) 
         else ""
     )
     log.info("--dtype auto: %s (%s)%s", record["chosen"], record["why"], measured)
-    return engine
+    return engine, (engine32 if engine is not engine32 else None)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        agent, engine, meta = _load(args)
+        agent, engine, meta, fallback = _load(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"idql-actor: {e}", file=sys.stderr)
         return 2
@@ -191,13 +196,15 @@ def main(argv: list[str] | None = None) -> int:
             from actor.serve import serve
 
             return serve(args, agent, engine)
-        return act(args, agent, engine, meta)
+        return act(args, agent, engine, meta, fallback)
     except (InsecureBindError, InsecureKeyFileError, FileNotFoundError) as e:
         print(f"idql-actor: {e}", file=sys.stderr)  # refused at start-up
         return 2
 
 
-def act(args: argparse.Namespace, agent: Any, engine: Any, meta: dict[str, Any]) -> int:
+def act(
+    args: argparse.Namespace, agent: Any, engine: Any, meta: dict[str, Any], fallback: Any = None
+) -> int:
     from idql_runtime.actor_runtime import Actor
     from idql_runtime.transport import ActorLink
 
@@ -233,6 +240,7 @@ def act(args: argparse.Namespace, agent: Any, engine: Any, meta: dict[str, Any])
         overrun_limit=args.overrun_limit,
         safe_action=safe,
         status_interval_s=args.status_interval_s,
+        float32_fallback=fallback,
     )
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -250,10 +258,11 @@ def act(args: argparse.Namespace, agent: Any, engine: Any, meta: dict[str, Any])
             "policy_versions": report.policy_versions,
             "weight_swaps": report.weight_swaps,
             "weights_refused": report.weights_refused,
+            "precision_fallback_version": report.precision_fallback_version,
             "flushed": flushed,
-            "engine": engine.name,
-            "dtype": engine.describe()["dtype"],
-            "precision_check": engine.info.get("precision_check"),
+            "engine": actor.engine.name,
+            "dtype": actor.engine.describe()["dtype"],
+            "precision_check": actor.engine.info.get("precision_check"),
         }
     }
     if link:

@@ -36,6 +36,7 @@ class ActorReport:
     weight_swaps: int = 0
     weights_refused: int = 0
     stop_reason: str = ""
+    precision_fallback_version: int | None = None
 
 
 class Actor:
@@ -56,8 +57,14 @@ class Actor:
         safe_action: np.ndarray | None = None,
         status_interval_s: float = 5.0,
         decide_on_main_thread: bool | None = None,
+        float32_fallback: Any = None,
     ) -> None:
+        """``float32_fallback``: with a reduced-precision ``engine`` chosen by the precision
+        check (``idql-actor --dtype auto``), the float32 engine to switch to when an update
+        changes the score network: the check held for the weights it measured, not for
+        new ones."""
         self.agent, self.engine, self.link = agent, engine, link
+        self._float32_fallback = float32_fallback
         # Decisions run on the main thread (torch's OpenMP kernels are ~2x slower from a
         # worker thread here) and the control loop on a helper thread, when built there.
         if decide_on_main_thread is None:
@@ -120,7 +127,26 @@ class Actor:
             return False
         self.policy_version = version
         self.report.weight_swaps += 1
+        if self._float32_fallback is not None and any(k.startswith("score_ema.") for k in arrays):
+            self._fall_back_to_float32(version)
         return True
+
+    def _fall_back_to_float32(self, version: int) -> None:
+        """Between ticks, the score network just changed under a reduced-precision engine
+        whose check ran on the old one: continue on the float32 engine (~ms to load)."""
+        fallback, self._float32_fallback = self._float32_fallback, None
+        fallback.load_weights(self.agent.inference_state())
+        before = self.engine.info.get("precision_check") or {}
+        dtype = self.engine.describe()["dtype"]
+        fallback.info["precision_check"] = {
+            "chosen": "float32",
+            "why": f"version {version} changed the score network; {dtype} was checked on the"
+            " weights the actor started with",
+            "before": before,
+        }
+        self.engine = fallback
+        self.report.precision_fallback_version = version
+        log.warning("weights version %d changed the score network: %s -> float32", version, dtype)
 
     def status(self) -> dict[str, Any]:
         s: dict[str, Any] = {

@@ -196,3 +196,46 @@ def test_reduced_precision_runs_only_the_score_network_in_it():
     assert torch.equal(q16, q_exact)  # and the critic did not
     out = e16.decide_with_noise(obs, noise)
     assert torch.equal(out.chosen_q, q_exact[0, out.index])
+
+
+def test_actor_leaves_reduced_precision_when_the_score_network_changes():
+    """--dtype auto checked bf16 on the weights the actor started with. A critic update
+    keeps it; an update of the score network (learner --finetune-actor) switches the actor,
+    between ticks, to the float32 engine on the new weights (real links over loopback
+    ZeroMQ, a real MuJoCo env)."""
+    from idql_runtime.actor_runtime import Actor
+    from idql_runtime.transport import ActorLink, LearnerLink
+    from tests.test_transport import wait_for
+
+    agent, new = _agent(0, tiny=True), _agent(1, tiny=True)
+    reduced = build_engine(agent, kind="eager", dtype="bfloat16", samples=16)
+    reduced.info["precision_check"] = {"chosen": "bfloat16", "why": "within limits"}
+    fallback = build_engine(agent, kind="cpu", dtype="float32", samples=16)
+    learner = LearnerLink("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", weights_republish_s=None)
+    link = ActorLink(learner.ingest_endpoint, learner.weights_endpoint, 1)
+    actor = Actor(agent, reduced, "HalfCheetah-v5", link=link, float32_fallback=fallback)
+    state = {k: v.numpy() for k, v in new.inference_state().items()}
+    critic = {k: v for k, v in state.items() if not k.startswith("score_ema.")}
+    try:
+        swapped = wait_for(
+            actor.maybe_swap_weights, 5.0, 0.02, poll=lambda: learner.publish_weights(1, critic)
+        )
+        assert swapped
+        assert actor.engine is reduced and actor.policy_version == 1
+
+        swapped = wait_for(
+            actor.maybe_swap_weights, 5.0, 0.02, poll=lambda: learner.publish_weights(2, state)
+        )
+        assert swapped
+        assert actor.engine is fallback and actor.report.precision_fallback_version == 2
+        record = fallback.info["precision_check"]
+        assert record["chosen"] == "float32" and record["before"]["chosen"] == "bfloat16"
+        obs = torch.as_tensor(_obs(1))
+        noise = DecisionNoise.draw(fallback.spec, generator=torch.Generator().manual_seed(4))
+        want = build_engine(new, kind="cpu", samples=16).decide_with_noise(obs, noise)
+        got = actor.engine.decide_with_noise(obs, noise)
+        torch.testing.assert_close(got.action, want.action, atol=1e-5, rtol=0)
+    finally:
+        actor.close()
+        link.close(flush_timeout_s=0.5)
+        learner.close()
