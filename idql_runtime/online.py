@@ -79,10 +79,22 @@ class SeqTable:
                 merged.append([lo, hi])
         self.intervals[actor_id] = merged
 
-    def gaps(self, actor_id: int) -> int:
-        """Missing seqs between the first and last committed one (lost or still in flight)."""
+    def gaps(self, actor_id: int, since: int | None = None) -> int:
+        """Missing seqs (lost or still in flight) from ``since`` to the last committed one;
+        ``since`` None: from the first committed one.
+
+        Pass the actor run's first seq: a restarted actor starts from the wall clock in
+        microseconds, so the jump from its previous run is not a loss (counted from the
+        first committed seq, a restart two hours later showed 7e9 "gaps")."""
         ivs = self.intervals.get(actor_id, [])
-        return sum(ivs[i + 1][0] - ivs[i][1] - 1 for i in range(len(ivs) - 1))
+        if not ivs:
+            return 0
+        start = ivs[0][0] if since is None else int(since)
+        last = ivs[-1][1]
+        if last < start:
+            return 0
+        covered = sum(max(0, min(hi, last) - max(lo, start) + 1) for lo, hi in ivs)
+        return (last - start + 1) - covered
 
     def to_json(self) -> dict[str, list[list[int]]]:
         return {str(k): v for k, v in self.intervals.items()}
@@ -383,6 +395,15 @@ class OnlineLearner:
         self.checkpointed_updates = self.updates
         return path
 
+    def _run_gaps(self, actor_id: int, state: Any) -> int:
+        """Seqs missing in the actor's current run: from the ``first_seq`` its heartbeats
+        report; before its first heartbeat, from its newest committed interval."""
+        first = getattr(state, "last_heartbeat", {}).get("first_seq")
+        if not isinstance(first, int) or isinstance(first, bool):
+            ivs = self.seq.intervals.get(actor_id)
+            first = ivs[-1][0] if ivs else None
+        return self.seq.gaps(actor_id, since=first)
+
     def status(self) -> dict[str, Any]:
         link = self.link.stats() if hasattr(self.link, "stats") else {}
         return {
@@ -394,7 +415,7 @@ class OnlineLearner:
             "actors_live": len(getattr(self.link, "actors", lambda: {})()),
             "truncated_episodes": len(self.truncated_episodes),
             "actors": {
-                str(a): {"rows": s.rows, "gaps": self.seq.gaps(a)}
+                str(a): {"rows": s.rows, "gaps": self._run_gaps(a, s)}
                 for a, s in getattr(self.link, "actors", lambda: {})().items()
             },
             "rejected_messages": link.get("rejected", 0),

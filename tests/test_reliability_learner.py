@@ -519,3 +519,21 @@ def test_15_full_or_read_only_store_stops_acks_keeps_rows_resumes(
     check_actor_rows(data, 0, fin)  # the resends landed exactly once
     for k in before:  # what was committed before the fault is still there, unchanged
         assert data[k][: len(before[k])].tobytes() == before[k].tobytes(), k
+
+
+def test_gaps_count_the_current_run_not_the_jump_from_a_restart() -> None:
+    """An actor restarted with the same id numbers its batches from the wall clock in
+    microseconds: the jump from its previous run is not a loss. gaps(since=first_seq of
+    the run) counts only seqs missing in that run, lost first batches included."""
+    from idql_runtime.online import SeqTable
+
+    table = SeqTable({"3": [[100, 110], [113, 120]]})  # run 1 lost 111 and 112
+    run2 = 5_000_000
+    for seq in [*range(run2 + 2, run2 + 10), *range(run2 + 12, run2 + 21)]:
+        table.add(3, seq)  # run 2 lost its first two and two in the middle
+    assert table.gaps(3) == (run2 + 20 - 100 + 1) - (11 + 8 + 8 + 9)  # from the first seq
+    assert table.gaps(3, since=100) == table.gaps(3)
+    assert table.gaps(3, since=run2) == 2 + 2
+    assert table.gaps(3, since=run2 + 2) == 2
+    assert table.gaps(3, since=run2 + 21) == 0  # nothing committed in that run yet
+    assert table.gaps(7) == 0  # no actor 7
