@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from idql_runtime.cli.bench import parse_options, percentile
+
 DEFAULT_VARIANTS = [
     # (kind, dtype, options)
     ("cuda_graph", "float32", {}),
@@ -48,15 +50,11 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
     parts = text.split(":")
     if len(parts) < 2:
         raise ValueError(f"variant {text!r}: expected kind:dtype[:key=value,...]")
-    opts: dict[str, Any] = {}
-    for item in filter(None, (":".join(parts[2:])).split(",")):
-        key, _, value = item.partition("=")
-        opts[key] = int(value) if value.lstrip("-").isdigit() else value
-    return parts[0], parts[1], opts
+    return parts[0], parts[1], parse_options(":".join(parts[2:]))
 
 
 def pct(xs: list[float], q: float) -> float:
-    return round(float(np.percentile(np.asarray(xs), q)), 1)
+    return round(percentile(xs, q), 1)
 
 
 def host_latency(eng: Any, obs: np.ndarray, iters: int, max_s: float) -> list[float]:

@@ -142,7 +142,7 @@ def _agent(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     }
 
 
-def _pct(xs: list[float], q: float) -> float:
+def percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
@@ -172,7 +172,7 @@ def interleaved(
     return eng, eag
 
 
-def _options(text: str) -> dict[str, Any]:
+def parse_options(text: str) -> dict[str, Any]:
     """``key=value,...`` -> dict, integers as int."""
     out: dict[str, Any] = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
@@ -224,7 +224,7 @@ def bench_decisions(agent: Any, args: argparse.Namespace) -> tuple[list[dict[str
                     if kind == "compiled" and args.compile_mode:
                         opts["compile_mode"] = args.compile_mode
                     if kind == "triton":
-                        opts.update(_options(args.triton_options))
+                        opts.update(parse_options(args.triton_options))
                     eng = build_engine(
                         agent,
                         kind=kind,
@@ -252,11 +252,11 @@ def bench_decisions(agent: Any, args: argparse.Namespace) -> tuple[list[dict[str
                     continue
                 row.update(
                     iters=len(lat),
-                    p50_us=round(_pct(lat, 50), 1),
-                    p99_us=round(_pct(lat, 99), 1),
+                    p50_us=round(percentile(lat, 50), 1),
+                    p99_us=round(percentile(lat, 99), 1),
                     mean_us=round(float(np.mean(lat)), 1),
-                    eager_p50_us=round(_pct(base, 50), 1),
-                    eager_p99_us=round(_pct(base, 99), 1),
+                    eager_p50_us=round(percentile(base, 50), 1),
+                    eager_p99_us=round(percentile(base, 99), 1),
                 )
                 row["speedup_p50"] = round(row["eager_p50_us"] / row["p50_us"], 3)
                 row["speedup_p99"] = round(row["eager_p99_us"] / row["p99_us"], 3)

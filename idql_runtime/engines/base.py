@@ -66,6 +66,36 @@ def private_decision(agent: Any, mode: str | None, device: torch.device) -> Deci
     return decision.to(device).eval()
 
 
+def capture_cuda_graph(
+    body: Any,
+    device: torch.device,
+    *,
+    warmup: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """One CUDA graph of ``body()`` on ``device`` and what its capture returned.
+
+    ``warmup`` calls first run on a side stream (compilation, autotuning, cuBLAS handles,
+    Triton's cache) so none of that is captured; ``generator`` is registered with the
+    graph, so its random draws advance on every replay.
+    """
+    with torch.cuda.device(device):  # Triton launches on the current device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(warmup):
+                body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            graph.register_generator_state(generator)
+        with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = body()
+        torch.cuda.synchronize(device)
+    return graph, out
+
+
 class TimeShareCache:
     """Serve ``Decision.time_shares`` from a (T, H) float32 buffer computed once per weight
     load, so a captured or compiled decision runs no time-embedding kernels.

@@ -24,7 +24,12 @@ import torch
 from torch import Tensor
 
 from idql_runtime.decision import DecisionNoise, DecisionOutput, DecisionSpec
-from idql_runtime.engines.base import Engine, EngineUnavailable, TimeShareCache
+from idql_runtime.engines.base import (
+    Engine,
+    EngineUnavailable,
+    TimeShareCache,
+    capture_cuda_graph,
+)
 
 _WARMUP_CALLS = 3
 
@@ -101,20 +106,9 @@ class CudaGraphEngine(Engine):
     def _capture(
         self, body: Callable[[], Tensor], *, register_rng: bool = False
     ) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.no_grad(), torch.cuda.stream(side):
-            for _ in range(_WARMUP_CALLS):  # compiles, autotunes, creates cuBLAS handles
-                body()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        if register_rng:
-            graph.register_generator_state(self.generator)
-        with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = body()
-        torch.cuda.synchronize(self.device)
-        return graph, out
+        # warm-up compiles, autotunes, creates cuBLAS handles
+        gen = self.generator if register_rng else None
+        return capture_cuda_graph(body, self.device, warmup=_WARMUP_CALLS, generator=gen)
 
     # ------------------------------------------------------------------ run
     def _run(self, obs: Tensor, noise: DecisionNoise | None) -> DecisionOutput:

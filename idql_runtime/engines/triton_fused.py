@@ -39,6 +39,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from idql_runtime.decision import Decision, DecisionNoise, DecisionOutput, DecisionSpec
-from idql_runtime.engines.base import Engine, EngineUnavailable, dtype_name
+from idql_runtime.engines.base import Engine, EngineUnavailable, capture_cuda_graph, dtype_name
 
 _WARMUP_CALLS = 2
 _KERNELS: dict[bool, ModuleType] = {}
@@ -192,10 +195,6 @@ def _max_or_none(a: int | None, b: int | None) -> int | None:
 def _ptxas_report(ptx: str, arch: int) -> dict[str, int | None]:
     """Registers per thread and spilled bytes per thread (stores + loads) by ``ptxas -v``
     (Triton's bundled one) on ``ptx``; None where ptxas is not found."""
-    import re
-    import subprocess
-    import tempfile
-
     try:  # the ptxas Triton itself compiles with, for this architecture
         from triton.backends.nvidia.compiler import get_ptxas
 
@@ -686,24 +685,9 @@ class TritonEngine(Engine):
         self._launch(self._obs, *self._noise_in)
 
     def _capture(self, body: Any, *, register_rng: bool = False) -> torch.cuda.CUDAGraph:
-        with torch.cuda.device(self.device):  # Triton launches on the current device
-            return self._capture_here(body, register_rng=register_rng)
-
-    def _capture_here(self, body: Any, *, register_rng: bool) -> torch.cuda.CUDAGraph:
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.no_grad(), torch.cuda.stream(side):
-            for _ in range(_WARMUP_CALLS):  # Triton compiles (or loads its cache) here
-                body()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        if register_rng:
-            graph.register_generator_state(self.generator)
-        with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            body()
-        torch.cuda.synchronize(self.device)
-        return graph
+        # warm-up: Triton compiles (or loads its cache)
+        gen = self.generator if register_rng else None
+        return capture_cuda_graph(body, self.device, warmup=_WARMUP_CALLS, generator=gen)[0]
 
     # ------------------------------------------------------------------ run
     def _run(self, obs: Tensor, noise: DecisionNoise | None) -> DecisionOutput:
