@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], Any]:
-    """(agent, engine, checkpoint meta, the float32 engine to fall back to or None)."""
+def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], Any, Any]:
+    """(agent, engine, checkpoint meta, the float32 engine to fall back to or None, the
+    precision check's calibration states or None)."""
     import torch
 
     from idql_runtime.checkpoint import load_checkpoint, restore_agent
@@ -139,20 +140,23 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], Any]:
         )
 
     log = logging.getLogger("idql-actor")
-    fallback = None
+    fallback = states = None
     if args.dtype != "auto":
         engine = build(args.dtype)
     else:
-        engine, fallback = _auto_precision(args, build, ckpt.meta)
+        engine, fallback, states = _auto_precision(args, build, ckpt.meta)
     log.info("engine: %s (%s)", engine.name, engine.describe()["dtype"])
-    return agent, engine, ckpt.meta, fallback
+    return agent, engine, ckpt.meta, fallback, states
 
 
-def _auto_precision(args: argparse.Namespace, build: Any, meta: dict[str, Any]) -> tuple[Any, Any]:
+def _auto_precision(
+    args: argparse.Namespace, build: Any, meta: dict[str, Any]
+) -> tuple[Any, Any, Any]:
     """--dtype auto: try the reduced precision on states the float32 policy visits.
 
-    Returns the engine and, when that is the reduced one, the float32 engine: the actor
-    switches to it when an update changes the score network the check was run on."""
+    Returns the engine and, when that is the reduced one, the float32 engine and the
+    calibration states: the actor switches to float32 when an update changes the score
+    network the check was run on, and re-checks the new one on the same states."""
     from idql_runtime.engines import resolve_kind
     from idql_runtime.engines.precision import reduced_dtype_for, rollout_states, select_precision
 
@@ -178,14 +182,16 @@ def _auto_precision(args: argparse.Namespace, build: Any, meta: dict[str, Any]) 
         else ""
     )
     log.info("--dtype auto: %s (%s)%s", record["chosen"], record["why"], measured)
-    return engine, (engine32 if engine is not engine32 else None)
+    if engine is engine32:
+        return engine, None, None
+    return engine, engine32, states
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        agent, engine, meta, fallback = _load(args)
+        agent, engine, meta, fallback, states = _load(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"idql-actor: {e}", file=sys.stderr)
         return 2
@@ -196,14 +202,19 @@ def main(argv: list[str] | None = None) -> int:
             from actor.serve import serve
 
             return serve(args, agent, engine)
-        return act(args, agent, engine, meta, fallback)
+        return act(args, agent, engine, meta, fallback, states)
     except (InsecureBindError, InsecureKeyFileError, FileNotFoundError) as e:
         print(f"idql-actor: {e}", file=sys.stderr)  # refused at start-up
         return 2
 
 
 def act(
-    args: argparse.Namespace, agent: Any, engine: Any, meta: dict[str, Any], fallback: Any = None
+    args: argparse.Namespace,
+    agent: Any,
+    engine: Any,
+    meta: dict[str, Any],
+    fallback: Any = None,
+    states: Any = None,
 ) -> int:
     from idql_runtime.actor_runtime import Actor
     from idql_runtime.transport import ActorLink
@@ -241,6 +252,7 @@ def act(
         safe_action=safe,
         status_interval_s=args.status_interval_s,
         float32_fallback=fallback,
+        precision_states=states,
     )
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -259,6 +271,8 @@ def act(
             "weight_swaps": report.weight_swaps,
             "weights_refused": report.weights_refused,
             "precision_fallback_version": report.precision_fallback_version,
+            "precision_return_version": report.precision_return_version,
+            "precision_events": report.precision_events,
             "flushed": flushed,
             "engine": actor.engine.name,
             "dtype": actor.engine.describe()["dtype"],

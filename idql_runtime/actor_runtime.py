@@ -37,6 +37,8 @@ class ActorReport:
     weights_refused: int = 0
     stop_reason: str = ""
     precision_fallback_version: int | None = None
+    precision_return_version: int | None = None
+    precision_events: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Actor:
@@ -58,13 +60,24 @@ class Actor:
         status_interval_s: float = 5.0,
         decide_on_main_thread: bool | None = None,
         float32_fallback: Any = None,
+        precision_states: np.ndarray | None = None,
+        precision_limits: dict[str, float] | None = None,
     ) -> None:
         """``float32_fallback``: with a reduced-precision ``engine`` chosen by the precision
         check (``idql-actor --dtype auto``), the float32 engine to switch to when an update
         changes the score network: the check held for the weights it measured, not for
-        new ones."""
+        new ones. ``precision_states``: the calibration states of that check; given, the
+        actor re-runs the check on the new score network in the idle time between ticks
+        (``idle_work``) and returns to the reduced engine if it passes."""
         self.agent, self.engine, self.link = agent, engine, link
-        self._float32_fallback = float32_fallback
+        self._pair: tuple[Any, Any] | None = (
+            (engine, float32_fallback) if float32_fallback is not None else None
+        )  # (reduced, float32) under --dtype auto
+        self._precision_states = precision_states
+        self._precision_limits = precision_limits
+        self._recheck: Any = None  # PrecisionCheck in progress
+        self._recheck_version: int | None = None  # the score network it must check
+        self._recheck_step_s = 0.0  # the longest idle step so far
         # Decisions run on the main thread (torch's OpenMP kernels are ~2x slower from a
         # worker thread here) and the control loop on a helper thread, when built there.
         if decide_on_main_thread is None:
@@ -75,6 +88,7 @@ class Actor:
         native = control_rate_hz(self.env)
         self.rate_hz = native if rate_hz is None else rate_hz
         self.deadline_fraction = deadline_fraction
+        self.rate = RateKeeper(self.rate_hz)  # replaced when run() starts the clock
         self.decider = DeadlineDecider(
             self._decide,
             agent.act_dim,
@@ -127,26 +141,100 @@ class Actor:
             return False
         self.policy_version = version
         self.report.weight_swaps += 1
-        if self._float32_fallback is not None and any(k.startswith("score_ema.") for k in arrays):
-            self._fall_back_to_float32(version)
+        if self._pair is not None and any(k.startswith("score_ema.") for k in arrays):
+            self._score_changed(version)
         return True
 
-    def _fall_back_to_float32(self, version: int) -> None:
-        """Between ticks, the score network just changed under a reduced-precision engine
-        whose check ran on the old one: continue on the float32 engine (~ms to load)."""
-        fallback, self._float32_fallback = self._float32_fallback, None
-        fallback.load_weights(self.agent.inference_state())
-        before = self.engine.info.get("precision_check") or {}
-        dtype = self.engine.describe()["dtype"]
-        fallback.info["precision_check"] = {
-            "chosen": "float32",
-            "why": f"version {version} changed the score network; {dtype} was checked on the"
-            " weights the actor started with",
-            "before": before,
+    def _score_changed(self, version: int) -> None:
+        """Between ticks, the score network just changed (version ``version``): a reduced-
+        precision engine was checked on the old one, so continue on float32 (~ms to load)
+        and, with calibration states, schedule the check of the new one (restarting any
+        check of an older one)."""
+        assert self._pair is not None
+        reduced, fp32 = self._pair
+        dtype = reduced.describe()["dtype"]
+        if self.engine is reduced:
+            fp32.load_weights(self.agent.inference_state())
+            fp32.info["precision_check"] = {
+                "chosen": "float32",
+                "why": f"version {version} changed the score network; {dtype} was checked"
+                " on older weights",
+                "before": reduced.info.get("precision_check") or {},
+            }
+            self.engine = fp32
+            self.report.precision_fallback_version = version
+            self.report.precision_events.append(
+                {"version": version, "dtype": "float32", "why": "score network changed"}
+            )
+            log.warning(
+                "weights version %d changed the score network: %s -> float32", version, dtype
+            )
+        if self._precision_states is not None and len(self._precision_states):
+            self._recheck, self._recheck_version = None, version
+
+    def idle_work(self) -> bool:
+        """One short piece of deferred work in the time left before the next tick, on the
+        decision thread: today, one step of the precision re-check (one engine decision
+        plus its float64 reference, ~20 ms at N = 64 on a 2-core CPU). It runs only when
+        the time left is at least twice the longest such step so far (half a period before
+        the first one), so it never delays a tick; at ``rate_hz = 0`` (no deadlines) it
+        runs every tick. Returns whether it ran something."""
+        if self._recheck_version is None or self._pair is None:
+            return False
+        period = self.rate.period_s
+        if period > 0:
+            left = self.rate.next_tick - time.monotonic()
+            need = 2.0 * self._recheck_step_s if self._recheck_step_s else 0.5 * period
+            if left < need:
+                return False
+        t0 = time.perf_counter()
+        ran, finished = self.decider.run_between(self._recheck_step)
+        if ran:
+            self._recheck_step_s = max(self._recheck_step_s, time.perf_counter() - t0)
+        if ran and finished:
+            self._recheck_done()
+        return bool(ran)
+
+    def _recheck_step(self) -> bool:
+        """On the decision thread: start the check (load the newest weights into the idle
+        reduced engine) or measure its next states; True when all are measured."""
+        from idql_runtime.engines.precision import PrecisionCheck
+
+        reduced, _ = self._pair  # type: ignore[misc]
+        if self._recheck is None:
+            reduced.load_weights(self.agent.inference_state())
+            states = self._precision_states
+            assert states is not None
+            self._recheck = PrecisionCheck(reduced, states, seed=self.seed)
+            return False
+        return bool(self._recheck.step())
+
+    def _recheck_done(self) -> None:
+        from idql_runtime.engines.precision import precision_ok
+
+        reduced, fp32 = self._pair  # type: ignore[misc]
+        version, report = self._recheck_version, self._recheck.report()
+        self._recheck, self._recheck_version = None, None
+        ok, why = precision_ok(report, self._precision_limits)
+        dtype = reduced.describe()["dtype"]
+        event = {
+            "version": version,
+            "dtype": dtype if ok else "float32",
+            "why": f"re-check on version {version}: {why}",
+            "regret_p99": report["regret_p99"],
+            "action_err_p99": report["action_err_p99"],
+            "same_pick": report["same_pick"],
         }
-        self.engine = fallback
-        self.report.precision_fallback_version = version
-        log.warning("weights version %d changed the score network: %s -> float32", version, dtype)
+        self.report.precision_events.append(event)
+        if not ok:
+            log.warning("weights version %s: %s stays off (%s)", version, dtype, why)
+            return
+        # critic-only updates since the check began went to the float32 engine only
+        reduced.load_weights(self.agent.inference_state())
+        reduced.info["precision_check"] = {"chosen": dtype, "why": why, "tried": report}
+        self.engine = reduced
+        self.report.precision_return_version = version
+        log.info("weights version %s passed the precision re-check: float32 -> %s", version, dtype)
 
     def status(self) -> dict[str, Any]:
         s: dict[str, Any] = {
@@ -161,6 +249,12 @@ class Actor:
             "recent_returns": [round(r, 1) for r in self._recent_returns],
             **self.decider.stats.summary(),
         }
+        if self._pair is not None:
+            s["precision"] = {"dtype": self.engine.describe()["dtype"]}
+            if self._recheck_version is not None:
+                total = len(self._precision_states)  # type: ignore[arg-type]
+                done = self._recheck.measured if self._recheck is not None else 0
+                s["precision"]["recheck"] = f"v{self._recheck_version} {done}/{total}"
         if self.link is not None:
             ls = self.link.stats()
             s["link"] = {
@@ -268,6 +362,7 @@ class Actor:
                         self.report.stop_reason = "episodes"
                         break
                 self.maybe_swap_weights()
+                self.idle_work()
                 if time.monotonic() >= next_status:
                     print(json.dumps({"actor": self.status()}), flush=True)
                     next_status = time.monotonic() + self.status_interval_s

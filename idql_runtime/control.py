@@ -136,7 +136,8 @@ class DeadlineDecider:
         self.overrun_limit = overrun_limit
         self.stats = DecisionStats()
         self._cv = threading.Condition()
-        self._job: tuple[int, np.ndarray] | None = None
+        self._job: tuple[int, np.ndarray | Callable[[], Any]] | None = None
+        self._between: tuple[int, Any, BaseException | None] | None = None
         self._result: tuple[int, np.ndarray, float, float] | None = None  # ..., done at
         self._clock: Callable[[], float] = time.monotonic  # the deadlines' clock
         self._busy = False
@@ -169,6 +170,17 @@ class DeadlineDecider:
                 ticket, obs = self._job
                 self._job = None
                 self._busy = True
+            if callable(obs):  # run_between's work, not a decision
+                value, error = None, None
+                try:
+                    value = obs()
+                except Exception as e:  # re-raised in run_between's caller
+                    error = e
+                with self._cv:
+                    self._between = (ticket, value, error)
+                    self._busy = False
+                    self._cv.notify_all()
+                continue
             t0 = time.perf_counter()
             try:
                 action = np.asarray(self.decide_fn(obs), dtype=np.float32)
@@ -223,6 +235,33 @@ class DeadlineDecider:
         self.stats.consecutive_overruns = 0
         self.last_action = action
         return action, False
+
+    def run_between(self, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        """Run ``fn()`` on the decision thread between two decisions and wait for it:
+        (True, its value), or (False, None) without running it when a (late) decision is
+        still running. For short idle-time work that must not overlap a decision and
+        belongs on the thread torch runs fast on (the actor's precision re-check). Not
+        counted in the decision stats; an exception from ``fn`` is raised here."""
+        with self._cv:
+            if self._error is not None:
+                raise RuntimeError("decision engine failed") from self._error
+            if self._busy or self._job is not None:
+                return False, None
+            self._ticket += 1
+            ticket = self._ticket
+            self._job, self._between = (ticket, fn), None
+            self._cv.notify_all()
+            while self._between is None or self._between[0] != ticket:
+                if self._error is not None:
+                    raise RuntimeError("decision engine failed") from self._error
+                if self._stop:
+                    return False, None
+                self._cv.wait(timeout=1.0)
+            _, value, error = self._between
+            self._between = None
+        if error is not None:
+            raise error
+        return True, value
 
     def _fallback(self) -> np.ndarray:
         s = self.stats

@@ -79,3 +79,40 @@ def test_safe_action_and_overrun_limit() -> None:
             d.decide(np.zeros(1), time.monotonic() + 0.001)
             time.sleep(0.06)
     d.close()
+
+
+def test_run_between_runs_on_the_decision_thread_and_never_beside_a_decision() -> None:
+    import threading
+
+    threads: list[str] = []
+
+    def decide(obs: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        if obs[0] == 1.0:
+            time.sleep(0.15)
+        return np.full(2, obs[0], np.float32)
+
+    d = DeadlineDecider(decide, 2, overrun_limit=10)
+    try:
+        d.decide(np.array([0.0]), time.monotonic() + 1.0)
+        ran, value = d.run_between(lambda: threading.current_thread().name)
+        assert ran and value == threads[0] == "idql-decider"
+        assert d.stats.decisions == 1 and len(d.stats.latencies_s) == 1  # not counted
+
+        # a late decision still runs: the work is refused, not queued behind it
+        _, late = d.decide(np.array([1.0]), time.monotonic() + 0.01)
+        assert late
+        assert d.run_between(lambda: threads.append("between")) == (False, None)
+        time.sleep(0.2)
+        assert "between" not in threads
+
+        # its exception reaches the caller, and the decider keeps deciding
+        def boom() -> None:
+            raise ValueError("bad idle work")
+
+        with pytest.raises(ValueError, match="bad idle work"):
+            d.run_between(boom)
+        a, late = d.decide(np.array([3.0]), time.monotonic() + 1.0)
+        assert not late and a.tolist() == [3.0, 3.0]
+    finally:
+        d.close()

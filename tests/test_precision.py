@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -235,6 +237,130 @@ def test_actor_leaves_reduced_precision_when_the_score_network_changes():
         want = build_engine(new, kind="cpu", samples=16).decide_with_noise(obs, noise)
         got = actor.engine.decide_with_noise(obs, noise)
         torch.testing.assert_close(got.action, want.action, atol=1e-5, rtol=0)
+    finally:
+        actor.close()
+        link.close(flush_timeout_s=0.5)
+        learner.close()
+
+
+def _recheck_setup(limits: dict[str, float], **actor_kw: object) -> tuple:
+    """An actor on a bf16 engine (as --dtype auto leaves it), its float32 fallback, six
+    calibration states, and a learner link over loopback ZeroMQ to publish weights on."""
+    from idql_runtime.actor_runtime import Actor
+    from idql_runtime.transport import ActorLink, LearnerLink
+
+    agent = _agent(0, tiny=True)
+    reduced = build_engine(agent, kind="eager", dtype="bfloat16", samples=16)
+    reduced.info["precision_check"] = {"chosen": "bfloat16", "why": "within limits"}
+    fp32 = build_engine(agent, kind="cpu", dtype="float32", samples=16)
+    learner = LearnerLink("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", weights_republish_s=None)
+    link = ActorLink(learner.ingest_endpoint, learner.weights_endpoint, 1)
+    actor = Actor(
+        agent, reduced, "HalfCheetah-v5", link=link, rate_hz=0, float32_fallback=fp32,
+        precision_states=_obs(6), precision_limits=limits, **actor_kw,
+    )  # fmt: skip
+    return actor, reduced, fp32, learner, link
+
+
+def _publish(actor: object, learner: object, version: int, agent_seed: int) -> None:
+    from tests.test_transport import wait_for
+
+    state = {k: v.numpy() for k, v in _agent(agent_seed, tiny=True).inference_state().items()}
+    swapped = wait_for(
+        actor.maybe_swap_weights,  # type: ignore[attr-defined]
+        5.0,
+        0.02,
+        poll=lambda: learner.publish_weights(version, state),  # type: ignore[attr-defined]
+    )
+    assert swapped and actor.policy_version == version  # type: ignore[attr-defined]
+
+
+def test_actor_rechecks_a_new_score_network_between_ticks_and_returns_to_bf16():
+    """After the fall-back to float32, the actor re-runs the precision check on the new
+    score network, one state per tick in the idle time on the decision thread (the
+    real run loop: control on a helper thread, decisions on this one), and goes back to
+    the reduced engine, now on the new weights, when it passes."""
+    lenient = {"regret_p99": 1.0, "action_err_p99": 2.0}  # the mechanism, not the limits
+    actor, reduced, fp32, learner, link = _recheck_setup(lenient)
+    try:
+        _publish(actor, learner, 2, agent_seed=1)
+        assert actor.engine is fp32 and actor.report.precision_fallback_version == 2
+        assert actor.status()["precision"] == {"dtype": "float32", "recheck": "v2 0/6"}
+
+        report = actor.run(max_steps=10)  # rate 0: one idle step a tick; 1 load + 6 states
+        assert actor.engine is reduced and report.precision_return_version == 2
+        assert report.steps == 10 and actor.decider.stats.decisions == 10  # none refused
+        fell, back = report.precision_events
+        assert fell == {"version": 2, "dtype": "float32", "why": "score network changed"}
+        assert back["version"] == 2 and back["dtype"] == "bfloat16"
+        assert "precision" in actor.status() and "recheck" not in actor.status()["precision"]
+
+        # the reduced engine now decides with the new weights, and the re-check measured
+        # exactly what precision_report measures on them
+        obs = torch.as_tensor(_obs(1, seed=9))
+        noise = DecisionNoise.draw(reduced.spec, generator=torch.Generator().manual_seed(4))
+        want = build_engine(_agent(1, tiny=True), kind="eager", dtype="bfloat16", samples=16)
+        got = actor.engine.decide_with_noise(obs, noise)
+        torch.testing.assert_close(got.action, want.decide_with_noise(obs, noise).action)
+        full = precision_report(actor.engine, _obs(6), seed=actor.seed)
+        for key in ("regret_p99", "action_err_p99", "same_pick"):
+            assert back[key] == full[key]
+    finally:
+        actor.close()
+        link.close(flush_timeout_s=0.5)
+        learner.close()
+
+
+def test_actor_recheck_restarts_on_a_newer_score_network_and_can_keep_float32():
+    """A score update during a re-check restarts it on the newest weights; a re-check
+    that fails the limits leaves the actor on float32 and says why."""
+    from idql_runtime.control import RateKeeper
+
+    strict = {"regret_p99": -1.0}  # nothing passes
+    actor, reduced, fp32, learner, link = _recheck_setup(strict, decide_on_main_thread=False)
+    actor.rate = RateKeeper(0)
+    try:
+        _publish(actor, learner, 2, agent_seed=1)
+        assert actor.idle_work() and actor.idle_work()  # load, then the first state
+        assert actor.status()["precision"]["recheck"] == "v2 1/6"
+        _publish(actor, learner, 3, agent_seed=2)
+        assert actor.engine is fp32  # still: no second fall-back event
+        assert actor.status()["precision"]["recheck"] == "v3 0/6"
+        steps = 0
+        while actor.idle_work():
+            steps += 1
+        assert steps == 7  # load + 6 states, for version 3 only
+        assert actor.engine is fp32 and actor.report.precision_return_version is None
+        last = actor.report.precision_events[-1]
+        assert len(actor.report.precision_events) == 2
+        assert last["version"] == 3 and last["dtype"] == "float32"
+        assert "regret_p99" in last["why"] and last["regret_p99"] >= 0.0
+        assert not actor.idle_work()  # nothing left to do until the next score update
+    finally:
+        actor.close()
+        link.close(flush_timeout_s=0.5)
+        learner.close()
+
+
+def test_actor_recheck_waits_for_enough_time_before_the_next_tick():
+    """The re-check's steps run only when the time left before the next tick is at least
+    half a period (first step) and then twice the longest step so far."""
+    from idql_runtime.control import RateKeeper
+
+    actor, reduced, fp32, learner, link = _recheck_setup({}, decide_on_main_thread=False)
+    actor.rate = RateKeeper(10.0)  # period 0.1 s
+    try:
+        _publish(actor, learner, 2, agent_seed=1)
+        actor.rate.next_tick = time.monotonic() + 0.03  # < half a period left
+        assert not actor.idle_work() and actor.status()["precision"]["recheck"] == "v2 0/6"
+        actor.rate.next_tick = time.monotonic() + 10.0
+        assert actor.idle_work() and actor.idle_work()
+        longest = actor._recheck_step_s
+        assert longest > 0
+        actor.rate.next_tick = time.monotonic() + 1.5 * longest  # < twice the longest step
+        assert not actor.idle_work() and actor.status()["precision"]["recheck"] == "v2 1/6"
+        actor.rate.next_tick = time.monotonic() + 10.0
+        assert actor.idle_work() and actor.status()["precision"]["recheck"] == "v2 2/6"
     finally:
         actor.close()
         link.close(flush_timeout_s=0.5)

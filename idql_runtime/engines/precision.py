@@ -34,28 +34,51 @@ states, it gives up at most 5 % of the state's Q spread and moves the executed a
 at most 0.05 (actions live in [-1, 1])."""
 
 
-def precision_report(engine: Any, obs: np.ndarray, *, seed: int = 0) -> dict[str, Any]:
-    """Metrics of ``engine`` against the float64 reference on ``obs`` (M, obs_dim).
+class PrecisionCheck:
+    """``precision_report`` one engine batch of states at a time, for a caller that has
+    only short idle windows (an actor between ticks: ``step()`` costs one engine decision
+    plus the float64 reference on ``engine.spec.batch`` states, ~20 ms for N = 64 on a
+    2-core CPU). ``step()`` returns True once every state is measured; ``report()`` then
+    gives what ``precision_report`` gives.
 
-    ``engine`` is any built Engine; its own float32 master copy of the weights
-    (``engine.decision``) gives the float64 reference. M need not be a multiple of the
-    engine's batch (the last chunk is padded with repeats, which are not counted).
+    The float64 reference is taken from the engine's weights when the check is created:
+    load the weights to check first.
     """
-    spec = engine.spec
-    obs = np.asarray(obs, np.float32).reshape(-1, spec.obs_dim)
-    m = len(obs)
-    if m == 0:
-        raise ValueError("precision_report needs at least one observation")
-    d64 = engine.reference_decision()
-    gen = torch.Generator().manual_seed(seed)
-    regret, action_err, same = [], [], []
-    for start in range(0, m, spec.batch):
-        chunk = obs[start : start + spec.batch]
+
+    def __init__(self, engine: Any, obs: np.ndarray, *, seed: int = 0) -> None:
+        spec = engine.spec
+        self.engine, self.spec = engine, spec
+        self.obs = np.asarray(obs, np.float32).reshape(-1, spec.obs_dim)
+        if len(self.obs) == 0:
+            raise ValueError("a precision check needs at least one observation")
+        self._d64 = engine.reference_decision()
+        self._gen = torch.Generator().manual_seed(seed)
+        self._next = 0
+        self._regret: list[np.ndarray] = []
+        self._action_err: list[np.ndarray] = []
+        self._same: list[np.ndarray] = []
+
+    @property
+    def done(self) -> bool:
+        return self._next >= len(self.obs)
+
+    @property
+    def measured(self) -> int:
+        """States measured so far."""
+        return min(self._next, len(self.obs))
+
+    def step(self) -> bool:
+        """Measure the next chunk of states (one engine batch); True when all are done."""
+        if self.done:
+            return True
+        spec, d64 = self.spec, self._d64
+        start = self._next
+        chunk = self.obs[start : start + spec.batch]
         k = len(chunk)
-        if k < spec.batch:
+        if k < spec.batch:  # padded with repeats, which are not counted
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], spec.batch - k, axis=0)])
-        noise = DecisionNoise.draw(spec, generator=gen)
-        out = engine.decide_with_noise(chunk, noise)
+        noise = DecisionNoise.draw(spec, generator=self._gen)
+        out = self.engine.decide_with_noise(chunk, noise)
         with torch.no_grad():
             o64 = torch.as_tensor(chunk, dtype=torch.float64)
             n64 = DecisionNoise(*(t.to(torch.float64) for t in noise))
@@ -70,23 +93,46 @@ def precision_report(engine: Any, obs: np.ndarray, *, seed: int = 0) -> dict[str
         spread = (best - q_ref.amin(dim=-1)).clamp_min(1e-12)
         r = (best - q_ref[rows, idx]) / spread
         err = (out.action.to(torch.float64) - x_ref[rows, idx]).abs().amax(dim=-1)
-        regret.append(r[:k].numpy())
-        action_err.append(err[:k].numpy())
-        same.append((idx == ref_idx)[:k].numpy())
-    reg, aerr, sm = np.concatenate(regret), np.concatenate(action_err), np.concatenate(same)
-    return {
-        "engine": engine.name,
-        "dtype": str(engine.dtype).removeprefix("torch."),
-        "states": int(m),
-        "samples": int(spec.samples),
-        "same_pick": float(sm.mean()),
-        "regret_mean": float(reg.mean()),
-        "regret_p99": float(np.quantile(reg, 0.99)),
-        "regret_max": float(reg.max()),
-        "action_err_mean": float(aerr.mean()),
-        "action_err_p99": float(np.quantile(aerr, 0.99)),
-        "action_err_max": float(aerr.max()),
-    }
+        self._regret.append(r[:k].numpy())
+        self._action_err.append(err[:k].numpy())
+        self._same.append((idx == ref_idx)[:k].numpy())
+        self._next = start + spec.batch
+        return self.done
+
+    def report(self) -> dict[str, Any]:
+        if not self.done:
+            raise RuntimeError(
+                f"the precision check has measured {self.measured} of {len(self.obs)} states"
+            )
+        reg = np.concatenate(self._regret)
+        aerr = np.concatenate(self._action_err)
+        sm = np.concatenate(self._same)
+        return {
+            "engine": self.engine.name,
+            "dtype": str(self.engine.dtype).removeprefix("torch."),
+            "states": int(len(self.obs)),
+            "samples": int(self.spec.samples),
+            "same_pick": float(sm.mean()),
+            "regret_mean": float(reg.mean()),
+            "regret_p99": float(np.quantile(reg, 0.99)),
+            "regret_max": float(reg.max()),
+            "action_err_mean": float(aerr.mean()),
+            "action_err_p99": float(np.quantile(aerr, 0.99)),
+            "action_err_max": float(aerr.max()),
+        }
+
+
+def precision_report(engine: Any, obs: np.ndarray, *, seed: int = 0) -> dict[str, Any]:
+    """Metrics of ``engine`` against the float64 reference on ``obs`` (M, obs_dim).
+
+    ``engine`` is any built Engine; its own float32 master copy of the weights
+    (``engine.decision``) gives the float64 reference. M need not be a multiple of the
+    engine's batch (the last chunk is padded with repeats, which are not counted).
+    """
+    check = PrecisionCheck(engine, obs, seed=seed)
+    while not check.step():
+        pass
+    return check.report()
 
 
 def precision_ok(
