@@ -5,11 +5,14 @@
 #      beside cuda_graph (bf16 and fp32), each with its replay time and, with CKPT and
 #      STATES set (a checkpoint dir and a .npy of observations), its precision check on
 #      trained weights against the float64 reference;
+#   1b. benchmarks/gpu_profile.py: the same decisions and the learner step without their
+#      graphs under torch.profiler: kernels per call, their summed device time, the top
+#      kernels (is a launch slow inside, or is the graph's per-node cost the bound?);
 #   2. the gpu-marked tests (triton's parity against float64, cuda_graph, learner step);
 #   3. idql-bench on cuda: eager vs cuda_graph and triton at every N, B (float32), learner;
 #   4. bf16 idql-bench at B=1 with torch.compile (max-autotune) if time is left.
-# Run from the repository root on a CUDA machine; results land under $OUT (8 files:
-# sweep.jsonl, pytest_gpu.log, bench/ and best/ {bench.json, latency_hist.png, table.txt}).
+# Run from the repository root on a CUDA machine; results land under $OUT (9 files:
+# sweep.jsonl, profile.jsonl, pytest_gpu.log, bench/ and best/ {bench.json, latency_hist.png, table.txt}).
 # Installs nothing.
 set -u
 export PYTHONUNBUFFERED=1
@@ -35,6 +38,12 @@ timeout 120 $SWEEP --samples 128 --batch 1 --out "$OUT/sweep.jsonl" --variants \
   triton:bfloat16 triton:bfloat16:split_width=128 triton:bfloat16:layout=fused cuda_graph:bfloat16 \
   triton:float32 triton:float32:input_precision=tf32 cuda_graph:float32 triton:float16 \
   2>&1 > /dev/null
+echo "rc=$?"
+
+echo "== 1b. kernel profile: triton and cuda_graph bf16 decisions, learner step ($(left)s left) =="
+timeout 100 $PY benchmarks/gpu_profile.py ${CKPT:+--checkpoint $CKPT} --samples 128 --batch 1 \
+  --iters 20 --out "$OUT/profile.jsonl" --targets decision:triton:bfloat16 \
+  decision:cuda_graph:bfloat16 learner:cuda_graph:tf32 2>/dev/null | cut -c1-900
 echo "rc=$?"
 
 echo "== 2. gpu-marked tests ($(left)s left) =="

@@ -452,3 +452,28 @@ def test_idql_bench_writes_json_table_and_histogram(tmp_path, capsys) -> None:
     assert "CUDA device" in rows[("cuda_graph", 1)]["error"]
     assert (tmp_path / "latency_hist.png").stat().st_size > 1000
     assert json.loads((tmp_path / "bench.json").read_text())["decision"] == out["decision"]
+
+
+def test_gpu_profile_counts_each_calls_kernels() -> None:
+    """benchmarks/gpu_profile.py groups the profiler's device events per call: on the CPU
+    (op events stand in for kernels) two adds per call come out as 2 per call, and every
+    per-kernel share is a fraction of the busy time."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_profile.py"
+    spec = importlib.util.spec_from_file_location("gpu_profile", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a, b, out = torch.randn(64, 64), torch.randn(64, 64), torch.empty(64, 64)
+
+    def two_adds() -> None:
+        torch.add(a, b, out=out)
+        torch.add(out, b, out=out)
+
+    got = mod.profile_calls(two_adds, 7, "cpu")
+    adds = [k for k in got["top"] if k["name"] == "aten::add"]
+    assert len(adds) == 1 and adds[0]["per_call"] == 2.0
+    assert got["kernels_per_call"] >= 2.0 and got["busy_us"] > 0
+    assert 0 < sum(k["share"] for k in got["top"]) <= 1.0 + 1e-6
