@@ -312,8 +312,10 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch: pytest.MonkeyPatch,
     """The GPU build of the exact v2 kernels (float32 and bf16, both layouts) goes through
     Triton's compiler and its bundled ptxas for sm_90, fits an H100's 227 KiB of shared
     memory per block, and spills (almost) no registers: at 4 warps the selection kernel
-    spilled ~12 kB per thread to local memory (ptxas 12.8, Triton 3.6, the GPU machine's).
-    Says nothing about speed or GPU numerics."""
+    spilled ~12 kB per thread to local memory (ptxas 12.8, Triton 3.6, the GPU machine's),
+    and hoisting the observation's share above the parts sum spilled the first block's
+    update variant. Compiled with the launcher's specialization (16-byte-aligned pointers),
+    as the GPU runs them. Says nothing about speed or GPU numerics."""
     from idql_runtime.engines.triton_fused import _triton_imported_interpreted
 
     if _triton_imported_interpreted():
@@ -336,9 +338,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch: pytest.MonkeyPatch,
             assert 0 < k["shared_bytes"] <= 227 * 1024, (dtype, name, k)
             assert k["cubin_bytes"] > 0
             assert k["registers"] is not None and 0 < k["registers"] <= 255, (name, k)
-            # block_kernel's first-block variant: 0 with ptxas 12.8, 544 B with 12.9
-            limit = 1024 if name == "block_kernel" else 0
-            assert k["spill_bytes"] <= limit, (dtype, layout, name, k)
+            assert k["spill_bytes"] == 0, (dtype, layout, name, k)
 
 
 # ---------------------------------------------------------------- GPU (compiled kernels)

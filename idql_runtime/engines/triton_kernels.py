@@ -113,13 +113,11 @@ def _obs_share(obs_ptr, bidx, rmask, wo_ptr, bin_ptr, hcols, OBS: tl.constexpr,
 
 
 @_jit
-def _block_in(h, lng_ptr, lnb_ptr, blk, hcols, hmask, ln_eps, H: tl.constexpr,
-              HP: tl.constexpr, LN: tl.constexpr):  # fmt: skip
-    """The block's input: LayerNorm(h) over the true width (or h without LayerNorm)."""
+def _block_in(h, g, bb, hmask, ln_eps, H: tl.constexpr, LN: tl.constexpr):
+    """The block's input: LayerNorm(h) over the true width with gain g and bias bb (loaded
+    by the caller, early), or h without LayerNorm."""
     if LN:
         d, rstd = _row_stats(h, hmask, H, ln_eps)
-        g = tl.load(lng_ptr + blk * HP + hcols)
-        bb = tl.load(lnb_ptr + blk * HP + hcols)
         y = d * rstd[:, None] * g[None, :] + bb[None, :]
     else:
         y = h
@@ -145,19 +143,27 @@ def _block_mlp(y, acc, w1_ptr, b1_ptr, w2_ptr, blk, hcols, f0, F_SPAN: tl.conste
 
 
 @_jit
-def _reverse_update(h, x, wout, bout, z_ptr, coef_ptr, s, rows, acols, xmask, R,
-                    A: tl.constexpr, AP: tl.constexpr, T: tl.constexpr, BM: tl.constexpr,
-                    ACT: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """x after reverse step s from the score network's last hidden state h: eps = out(act(h)),
-    x = (x - c_eps eps) / sqrt(alpha_t) + sigma_t z (no noise for s >= T), clipped."""
+def _step_inputs(z_ptr, coef_ptr, s, rows, acols, xmask, R, A: tl.constexpr,
+                 T: tl.constexpr):  # fmt: skip
+    """Reverse step s's coefficients (1/sqrt(alpha_t), eps coefficient, sigma_t) and its
+    noise z, loaded apart from the update so that a caller can issue the loads early."""
     t = tl.maximum(T - 1 - s, 0)
     c_inv = tl.load(coef_ptr + s * 4)
     c_eps = tl.load(coef_ptr + s * 4 + 1)
     c_sig = tl.load(coef_ptr + s * 4 + 2)
-    eps = _mm(_act(h, ACT), wout, tl.zeros((BM, AP), tl.float32), False, False, PREC)
-    eps = eps + bout[None, :]
     # sigma is 0 in the coefficient table at t = 0 and for the extra steps (s >= T)
     z = tl.load(z_ptr + t * R * A + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0)
+    return c_inv, c_eps, c_sig, z
+
+
+@_jit
+def _reverse_update(h, x, wout, bout, c_inv, c_eps, c_sig, z, AP: tl.constexpr,
+                    BM: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr,
+                    PREC: tl.constexpr):  # fmt: skip
+    """x after a reverse step from the score network's last hidden state h: eps = out(act(h)),
+    x = (x - c_eps eps) / sqrt(alpha_t) + sigma_t z (``_step_inputs``), clipped."""
+    eps = _mm(_act(h, ACT), wout, tl.zeros((BM, AP), tl.float32), False, False, PREC)
+    eps = eps + bout[None, :]
     x = c_inv * (x - c_eps * eps) + c_sig * z
     if CLIP:
         x = tl.minimum(tl.maximum(x, -1.0), 1.0)
@@ -221,8 +227,23 @@ def _candidates_out(x, obs_ptr, bidx, rows, rmask, acols, xmask, qwo_ptr, qwa_pt
 def _sum_parts(p_ptr, tile, rmask, R, HP: tl.constexpr, K: tl.constexpr, BM: tl.constexpr):
     """The split layout's block output: the sum of its K parts, in a fixed order."""
     h = tl.zeros((BM, HP), tl.float32)
-    for j in range(K):
-        h += tl.load(p_ptr + j * R * HP + tile, mask=rmask[:, None], other=0.0)
+    # Four parts' loads in flight together, then their sums in the same order as one at a
+    # time: as a plain loop each part waited for its own L2 round trip before the next
+    # load was issued (sm_90 SASS); fully unrolled, the first block's variant spilled.
+    if K % 4 == 0:
+        for g in range(K // 4):
+            p = p_ptr + g * 4 * R * HP + tile
+            a0 = tl.load(p, mask=rmask[:, None], other=0.0)
+            a1 = tl.load(p + R * HP, mask=rmask[:, None], other=0.0)
+            a2 = tl.load(p + 2 * R * HP, mask=rmask[:, None], other=0.0)
+            a3 = tl.load(p + 3 * R * HP, mask=rmask[:, None], other=0.0)
+            h += a0
+            h += a1
+            h += a2
+            h += a3
+    else:
+        for j in tl.static_range(K):
+            h += tl.load(p_ptr + j * R * HP + tile, mask=rmask[:, None], other=0.0)
     return h
 
 
@@ -305,12 +326,14 @@ def decide_kernel(
         h = obs_share + tl.load(ts_ptr + t * HP + hcols)[None, :]
         h = _mm(x, wa, h, False, False, PREC)
         for blk in range(NB):
-            y = _block_in(h, lng_ptr, lnb_ptr, blk, hcols, hmask, ln_eps, H, HP, LN)
+            g = tl.load(lng_ptr + blk * HP + hcols)
+            bb = tl.load(lnb_ptr + blk * HP + hcols)
+            y = _block_in(h, g, bb, hmask, ln_eps, H, LN)
             acc = _block_mlp(y, tl.zeros((BM, HP), tl.float32), w1_ptr, b1_ptr, w2_ptr, blk,
                              hcols, 0, FP, HP, FP, FC, BM, ACT, LOWP, UPCAST, PREC)  # fmt: skip
             h = h + acc + tl.load(b2_ptr + blk * HP + hcols)[None, :]
-        x = _reverse_update(h, x, wout, bout, z_ptr, coef_ptr, s, rows, acols, xmask, R,
-                            A, AP, T, BM, ACT, CLIP, PREC)  # fmt: skip
+        c_inv, c_eps, c_sig, z = _step_inputs(z_ptr, coef_ptr, s, rows, acols, xmask, R, A, T)
+        x = _reverse_update(h, x, wout, bout, c_inv, c_eps, c_sig, z, AP, BM, ACT, CLIP, PREC)
     _candidates_out(x, obs_ptr, bidx, rows, rmask, acols, xmask, qwo_ptr, qwa_ptr, qb0_ptr,
                     qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr, x_out_ptr, q_out_ptr, OBS, A, OP, OC,
                     AP, E, QP0, QP1, QPL, QC, QDEPTH, BM, PREC)  # fmt: skip
@@ -382,15 +405,25 @@ def block_kernel(
         w1 = tl.load(w1_ptr + blk * HP * FP + hcols[:, None] * FP + fcols[None, :])
         w2 = tl.load(w2_ptr + blk * FP * HP + fcols[:, None] * HP + hcols[None, :])
         b1 = tl.load(b1_ptr + blk * FP + fcols)
+    # Every load that does not wait on the previous block is issued before the parts sum,
+    # so that those L2 round trips overlap it instead of following it.
+    g = tl.load(lng_ptr + blk * HP + hcols)
+    bb = tl.load(lnb_ptr + blk * HP + hcols)
+    b2 = tl.load(b2_ptr + blk * HP + hcols)
     if FIRST:
         bidx = tl.where(rmask, rows // N, 0)
+        t = tl.maximum(T - 1 - s, 0)
+        ts = tl.load(ts_ptr + t * HP + hcols)
+        wa = tl.load(wa_ptr + acols[:, None] * HP + hcols[None, :])
         if UPDATE:
             x = tl.load(xprev_ptr + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0)
-            hprev = _sum_parts(pin_ptr, tile, rmask, R, HP, K, BM)
             wout = tl.load(wout_ptr + hcols[:, None] * AP + acols[None, :])
             bout = tl.load(bout_ptr + acols)
-            x = _reverse_update(hprev, x, wout, bout, z_ptr, coef_ptr, s - 1, rows, acols,
-                                xmask, R, A, AP, T, BM, ACT, CLIP, PREC)  # fmt: skip
+            c_inv, c_eps, c_sig, z = _step_inputs(z_ptr, coef_ptr, s - 1, rows, acols, xmask, R,
+                                                  A, T)  # fmt: skip
+            hprev = _sum_parts(pin_ptr, tile, rmask, R, HP, K, BM)
+            x = _reverse_update(hprev, x, wout, bout, c_inv, c_eps, c_sig, z, AP, BM, ACT, CLIP,
+                                PREC)  # fmt: skip
             tl.store(
                 xcur_ptr + rows[:, None] * A + acols[None, :],
                 x,
@@ -398,16 +431,15 @@ def block_kernel(
             )
         else:
             x = tl.load(xcur_ptr + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0)
-        t = tl.maximum(T - 1 - s, 0)
+        # the observation's share after the parts sum: hoisted above it, the first block's
+        # update variant spilled registers (ptxas, sm_90)
         h = _obs_share(obs_ptr, bidx, rmask, wo_ptr, bin_ptr, hcols, OBS, OP, OC, HP, BM, PREC)
-        h = h + tl.load(ts_ptr + t * HP + hcols)[None, :]
-        wa = tl.load(wa_ptr + acols[:, None] * HP + hcols[None, :])
-        h = _mm(x, wa, h, False, False, PREC)
+        h = _mm(x, wa, h + ts[None, :], False, False, PREC)
     else:
         h = _sum_parts(pin_ptr, tile, rmask, R, HP, K, BM)
-    y = _block_in(h, lng_ptr, lnb_ptr, blk, hcols, hmask, ln_eps, H, HP, LN)
+    y = _block_in(h, g, bb, hmask, ln_eps, H, LN)
     lead = ((hcols * 0 + fid) == 0).to(tl.float32)  # h and fc2's bias: added by slice 0
-    acc = (h + tl.load(b2_ptr + blk * HP + hcols)[None, :]) * lead[None, :]
+    acc = (h + b2[None, :]) * lead[None, :]
     if FS == FC:
         mid = _mm(y, w1, tl.zeros((BM, FC), tl.float32), LOWP, UPCAST, PREC)
         acc = _mm(_act(mid + b1[None, :], ACT), w2, acc, LOWP, UPCAST, PREC)
@@ -460,11 +492,11 @@ def finish_kernel(
     hcols = tl.arange(0, HP)
     xmask = rmask[:, None] & amask[None, :]
     x = tl.load(xprev_ptr + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0)
-    h = _sum_parts(pin_ptr, rows[:, None] * HP + hcols[None, :], rmask, R, HP, K, BM)
     wout = tl.load(wout_ptr + hcols[:, None] * AP + acols[None, :])
     bout = tl.load(bout_ptr + acols)
-    x = _reverse_update(h, x, wout, bout, z_ptr, coef_ptr, S - 1, rows, acols, xmask, R,
-                        A, AP, T, BM, ACT, CLIP, PREC)  # fmt: skip
+    c_inv, c_eps, c_sig, z = _step_inputs(z_ptr, coef_ptr, S - 1, rows, acols, xmask, R, A, T)
+    h = _sum_parts(pin_ptr, rows[:, None] * HP + hcols[None, :], rmask, R, HP, K, BM)
+    x = _reverse_update(h, x, wout, bout, c_inv, c_eps, c_sig, z, AP, BM, ACT, CLIP, PREC)
     _candidates_out(x, obs_ptr, bidx, rows, rmask, acols, xmask, qwo_ptr, qwa_ptr, qb0_ptr,
                     qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr, x_out_ptr, q_out_ptr, OBS, A, OP, OC,
                     AP, E, QP0, QP1, QPL, QC, QDEPTH, BM, PREC)  # fmt: skip
