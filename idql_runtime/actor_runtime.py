@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from idql_runtime.agent import Agent
-from idql_runtime.control import DeadlineDecider, OverrunLimit, RateKeeper
+from idql_runtime.control import DeadlineDecider, DecisionEngineFailed, OverrunLimit, RateKeeper
 from idql_runtime.envs import control_rate_hz, make_env
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,18 @@ class Actor:
             if left < need:
                 return False
         t0 = time.perf_counter()
-        ran, finished = self.decider.run_between(self._recheck_step)
+        try:
+            ran, finished = self.decider.run_between(self._recheck_step)
+        except DecisionEngineFailed:
+            raise  # the decision engine itself failed: the control loop must see it
+        except Exception as e:  # an optional speed-up must not stop the robot: stay float32
+            version, self._recheck, self._recheck_version = self._recheck_version, None, None
+            why = f"re-check on version {version} failed: {type(e).__name__}: {e}"
+            self.report.precision_events.append(
+                {"version": version, "dtype": "float32", "why": why}
+            )
+            log.warning("%s; staying on float32", why)
+            return False
         if ran:
             self._recheck_step_s = max(self._recheck_step_s, time.perf_counter() - t0)
         if ran and finished:

@@ -29,6 +29,10 @@ class OverrunLimit(RuntimeError):
     """Too many late decisions in a row: the actor must stop (or hold) safely."""
 
 
+class DecisionEngineFailed(RuntimeError):
+    """The decision function raised; the cause is chained (``__cause__``)."""
+
+
 class RateKeeper:
     """Tick scheduler; ``rate_hz = 0`` means as fast as possible."""
 
@@ -209,7 +213,7 @@ class DeadlineDecider:
         """Action for this tick and whether it is a fallback. ``deadline`` None = wait."""
         with self._cv:
             if self._error is not None:
-                raise RuntimeError("decision engine failed") from self._error
+                raise DecisionEngineFailed("decision engine failed") from self._error
             if self._busy:  # last tick's late decision is still running: cannot start one
                 return self._fallback(), True
             self._ticket += 1
@@ -218,7 +222,7 @@ class DeadlineDecider:
             self._cv.notify_all()
             while self._result is None or self._result[0] != ticket:
                 if self._error is not None:
-                    raise RuntimeError("decision engine failed") from self._error
+                    raise DecisionEngineFailed("decision engine failed") from self._error
                 if deadline is None:
                     self._cv.wait(timeout=1.0)
                     continue
@@ -244,7 +248,7 @@ class DeadlineDecider:
         counted in the decision stats; an exception from ``fn`` is raised here."""
         with self._cv:
             if self._error is not None:
-                raise RuntimeError("decision engine failed") from self._error
+                raise DecisionEngineFailed("decision engine failed") from self._error
             if self._busy or self._job is not None:
                 return False, None
             self._ticket += 1
@@ -253,7 +257,7 @@ class DeadlineDecider:
             self._cv.notify_all()
             while self._between is None or self._between[0] != ticket:
                 if self._error is not None:
-                    raise RuntimeError("decision engine failed") from self._error
+                    raise DecisionEngineFailed("decision engine failed") from self._error
                 if self._stop:
                     return False, None
                 self._cv.wait(timeout=1.0)

@@ -365,3 +365,31 @@ def test_actor_recheck_waits_for_enough_time_before_the_next_tick():
         actor.close()
         link.close(flush_timeout_s=0.5)
         learner.close()
+
+
+def test_actor_recheck_that_raises_leaves_the_actor_on_float32_and_running():
+    """An error inside the re-check (here: the reduced engine refuses the weights) is an
+    event, not a crash: the actor stays on float32 and goes on deciding."""
+    from idql_runtime.control import RateKeeper
+
+    actor, reduced, fp32, learner, link = _recheck_setup({}, decide_on_main_thread=False)
+    actor.rate = RateKeeper(0)
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise ValueError("weights refused by the reduced engine")
+
+    try:
+        _publish(actor, learner, 2, agent_seed=1)
+        reduced.load_weights = refuse  # type: ignore[method-assign]
+        assert not actor.idle_work()
+        event = actor.report.precision_events[-1]
+        assert event["version"] == 2 and event["dtype"] == "float32"
+        assert "ValueError: weights refused by the reduced engine" in event["why"]
+        assert not actor.idle_work() and "recheck" not in actor.status()["precision"]
+        assert actor.engine is fp32
+        action, late = actor.decider.decide(_obs(1)[0], time.monotonic() + 5.0)
+        assert not late and action.shape == (6,)
+    finally:
+        actor.close()
+        link.close(flush_timeout_s=0.5)
+        learner.close()
