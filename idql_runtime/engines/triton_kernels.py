@@ -233,17 +233,18 @@ def _sum_parts(p_ptr, tile, rmask, R, HP: tl.constexpr, K: tl.constexpr, BM: tl.
     if K % 4 == 0:
         for g in range(K // 4):
             p = p_ptr + g * 4 * R * HP + tile
-            a0 = tl.load(p, mask=rmask[:, None], other=0.0)
-            a1 = tl.load(p + R * HP, mask=rmask[:, None], other=0.0)
-            a2 = tl.load(p + 2 * R * HP, mask=rmask[:, None], other=0.0)
-            a3 = tl.load(p + 3 * R * HP, mask=rmask[:, None], other=0.0)
+            a0 = tl.load(p, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+            a1 = tl.load(p + R * HP, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+            a2 = tl.load(p + 2 * R * HP, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+            a3 = tl.load(p + 3 * R * HP, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
             h += a0
             h += a1
             h += a2
             h += a3
     else:
         for j in tl.static_range(K):
-            h += tl.load(p_ptr + j * R * HP + tile, mask=rmask[:, None], other=0.0)
+            h += tl.load(p_ptr + j * R * HP + tile, mask=rmask[:, None], other=0.0,
+                         cache_modifier=".cg")  # fmt: skip
     return h
 
 
@@ -340,6 +341,80 @@ def decide_kernel(
 
 
 @_jit
+def _block_layer(pid, fid, obs_ptr, xprev_ptr, xcur_ptr, z_ptr, coef_ptr, pin_ptr, pout_ptr,
+                 wo_ptr, bin_ptr, wa_ptr, ts_ptr, lng_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr,
+                 b2_ptr, wout_ptr, bout_ptr, ln_eps, R, N, s, blk, FIRST, UPDATE,
+                 OBS: tl.constexpr, A: tl.constexpr, H: tl.constexpr, OP: tl.constexpr,
+                 OC: tl.constexpr, AP: tl.constexpr, HP: tl.constexpr, FP: tl.constexpr,
+                 FC: tl.constexpr, FS: tl.constexpr, K: tl.constexpr, T: tl.constexpr,
+                 LN: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, BM: tl.constexpr,
+                 LOWP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Program (pid, fid)'s share of one LN-ResNet block of reverse step s (``block_kernel``
+    says what); FIRST and UPDATE are constexpr there (one variant per kind of block) and
+    runtime values in ``persist_kernel``. x and the parts come from other programs, so
+    they are loaded from L2 (``.cg``): an L1 line could be stale inside one launch."""
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < R
+    acols = tl.arange(0, AP)
+    amask = acols < A
+    hcols = tl.arange(0, HP)
+    hmask = hcols < H
+    xmask = rmask[:, None] & amask[None, :]
+    tile = rows[:, None] * HP + hcols[None, :]
+    if FS == FC:
+        # One chunk: issue this program's weight loads first, so that they are in flight
+        # while the previous block's parts are summed and normalised.
+        fcols = fid * FS + tl.arange(0, FC)
+        w1 = tl.load(w1_ptr + blk * HP * FP + hcols[:, None] * FP + fcols[None, :])
+        w2 = tl.load(w2_ptr + blk * FP * HP + fcols[:, None] * HP + hcols[None, :])
+        b1 = tl.load(b1_ptr + blk * FP + fcols)
+    # Every load that does not wait on the previous block is issued before the parts sum,
+    # so that those L2 round trips overlap it instead of following it.
+    g = tl.load(lng_ptr + blk * HP + hcols)
+    bb = tl.load(lnb_ptr + blk * HP + hcols)
+    b2 = tl.load(b2_ptr + blk * HP + hcols)
+    if FIRST:
+        bidx = tl.where(rmask, rows // N, 0)
+        t = tl.maximum(T - 1 - s, 0)
+        ts = tl.load(ts_ptr + t * HP + hcols)
+        wa = tl.load(wa_ptr + acols[:, None] * HP + hcols[None, :])
+        if UPDATE:
+            x = tl.load(xprev_ptr + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0,
+                        cache_modifier=".cg")  # fmt: skip
+            wout = tl.load(wout_ptr + hcols[:, None] * AP + acols[None, :])
+            bout = tl.load(bout_ptr + acols)
+            c_inv, c_eps, c_sig, z = _step_inputs(z_ptr, coef_ptr, s - 1, rows, acols, xmask, R,
+                                                  A, T)  # fmt: skip
+            hprev = _sum_parts(pin_ptr, tile, rmask, R, HP, K, BM)
+            x = _reverse_update(hprev, x, wout, bout, c_inv, c_eps, c_sig, z, AP, BM, ACT, CLIP,
+                                PREC)  # fmt: skip
+            tl.store(
+                xcur_ptr + rows[:, None] * A + acols[None, :],
+                x,
+                mask=xmask & ((rows[:, None] * 0 + fid) == 0),
+            )
+        else:
+            x = tl.load(xcur_ptr + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0,
+                        cache_modifier=".cg")  # fmt: skip
+        # the observation's share after the parts sum: hoisted above it, the first block's
+        # update variant spilled registers (ptxas, sm_90)
+        h = _obs_share(obs_ptr, bidx, rmask, wo_ptr, bin_ptr, hcols, OBS, OP, OC, HP, BM, PREC)
+        h = _mm(x, wa, h + ts[None, :], False, False, PREC)
+    else:
+        h = _sum_parts(pin_ptr, tile, rmask, R, HP, K, BM)
+    y = _block_in(h, g, bb, hmask, ln_eps, H, LN)
+    lead = ((hcols * 0 + fid) == 0).to(tl.float32)  # h and fc2's bias: added by slice 0
+    acc = (h + b2[None, :]) * lead[None, :]
+    if FS == FC:
+        mid = _mm(y, w1, tl.zeros((BM, FC), tl.float32), LOWP, UPCAST, PREC)
+        acc = _mm(_act(mid + b1[None, :], ACT), w2, acc, LOWP, UPCAST, PREC)
+    else:
+        acc = _block_mlp(y, acc, w1_ptr, b1_ptr, w2_ptr, blk, hcols, fid * FS, FS, HP, FP, FC,
+                         BM, ACT, LOWP, UPCAST, PREC)  # fmt: skip
+    tl.store(pout_ptr + fid * R * HP + tile, acc, mask=rmask[:, None])
+
+
+@_jit
 def block_kernel(
     obs_ptr,  # (B, OBS) f32
     xprev_ptr,  # (R, A) f32: x before reverse step s - 1 (x0 for s = 1); unread if s = 0
@@ -388,65 +463,41 @@ def block_kernel(
     computed here; with UPDATE (s > 0) x is first advanced by step s - 1 from the last
     block's output of step s - 1 (every f-slice computes the same x; slice 0 stores it).
     """
-    pid = tl.program_id(0)
-    fid = tl.program_id(1)
+    _block_layer(tl.program_id(0), tl.program_id(1), obs_ptr, xprev_ptr, xcur_ptr, z_ptr,
+                 coef_ptr, pin_ptr, pout_ptr, wo_ptr, bin_ptr, wa_ptr, ts_ptr, lng_ptr, lnb_ptr,
+                 w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr, ln_eps, R, N, s, blk,
+                 FIRST, UPDATE, OBS, A, H, OP, OC, AP, HP, FP, FC, FS, K, T, LN, ACT, CLIP, BM,
+                 LOWP, UPCAST, PREC)  # fmt: skip
+
+
+@_jit
+def _finish_rows(pid, obs_ptr, xprev_ptr, z_ptr, coef_ptr, pin_ptr, wout_ptr, bout_ptr,
+                 qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr, x_out_ptr,
+                 q_out_ptr, R, N, OBS: tl.constexpr, A: tl.constexpr, OP: tl.constexpr,
+                 OC: tl.constexpr, AP: tl.constexpr, HP: tl.constexpr, K: tl.constexpr,
+                 T: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr,
+                 E: tl.constexpr, QP0: tl.constexpr, QP1: tl.constexpr, QPL: tl.constexpr,
+                 QC: tl.constexpr, QDEPTH: tl.constexpr, BM: tl.constexpr,
+                 PREC: tl.constexpr):  # fmt: skip
+    """Row tile pid's last reverse-step update, final clip and critic (``finish_kernel``)."""
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < R
+    bidx = tl.where(rmask, rows // N, 0)
     acols = tl.arange(0, AP)
     amask = acols < A
     hcols = tl.arange(0, HP)
-    hmask = hcols < H
     xmask = rmask[:, None] & amask[None, :]
-    tile = rows[:, None] * HP + hcols[None, :]
-    if FS == FC:
-        # One chunk: issue this program's weight loads first, so that they are in flight
-        # while the previous block's parts are summed and normalised.
-        fcols = fid * FS + tl.arange(0, FC)
-        w1 = tl.load(w1_ptr + blk * HP * FP + hcols[:, None] * FP + fcols[None, :])
-        w2 = tl.load(w2_ptr + blk * FP * HP + fcols[:, None] * HP + hcols[None, :])
-        b1 = tl.load(b1_ptr + blk * FP + fcols)
-    # Every load that does not wait on the previous block is issued before the parts sum,
-    # so that those L2 round trips overlap it instead of following it.
-    g = tl.load(lng_ptr + blk * HP + hcols)
-    bb = tl.load(lnb_ptr + blk * HP + hcols)
-    b2 = tl.load(b2_ptr + blk * HP + hcols)
-    if FIRST:
-        bidx = tl.where(rmask, rows // N, 0)
-        t = tl.maximum(T - 1 - s, 0)
-        ts = tl.load(ts_ptr + t * HP + hcols)
-        wa = tl.load(wa_ptr + acols[:, None] * HP + hcols[None, :])
-        if UPDATE:
-            x = tl.load(xprev_ptr + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0)
-            wout = tl.load(wout_ptr + hcols[:, None] * AP + acols[None, :])
-            bout = tl.load(bout_ptr + acols)
-            c_inv, c_eps, c_sig, z = _step_inputs(z_ptr, coef_ptr, s - 1, rows, acols, xmask, R,
-                                                  A, T)  # fmt: skip
-            hprev = _sum_parts(pin_ptr, tile, rmask, R, HP, K, BM)
-            x = _reverse_update(hprev, x, wout, bout, c_inv, c_eps, c_sig, z, AP, BM, ACT, CLIP,
-                                PREC)  # fmt: skip
-            tl.store(
-                xcur_ptr + rows[:, None] * A + acols[None, :],
-                x,
-                mask=xmask & ((rows[:, None] * 0 + fid) == 0),
-            )
-        else:
-            x = tl.load(xcur_ptr + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0)
-        # the observation's share after the parts sum: hoisted above it, the first block's
-        # update variant spilled registers (ptxas, sm_90)
-        h = _obs_share(obs_ptr, bidx, rmask, wo_ptr, bin_ptr, hcols, OBS, OP, OC, HP, BM, PREC)
-        h = _mm(x, wa, h + ts[None, :], False, False, PREC)
-    else:
-        h = _sum_parts(pin_ptr, tile, rmask, R, HP, K, BM)
-    y = _block_in(h, g, bb, hmask, ln_eps, H, LN)
-    lead = ((hcols * 0 + fid) == 0).to(tl.float32)  # h and fc2's bias: added by slice 0
-    acc = (h + b2[None, :]) * lead[None, :]
-    if FS == FC:
-        mid = _mm(y, w1, tl.zeros((BM, FC), tl.float32), LOWP, UPCAST, PREC)
-        acc = _mm(_act(mid + b1[None, :], ACT), w2, acc, LOWP, UPCAST, PREC)
-    else:
-        acc = _block_mlp(y, acc, w1_ptr, b1_ptr, w2_ptr, blk, hcols, fid * FS, FS, HP, FP, FC,
-                         BM, ACT, LOWP, UPCAST, PREC)  # fmt: skip
-    tl.store(pout_ptr + fid * R * HP + tile, acc, mask=rmask[:, None])
+    x = tl.load(
+        xprev_ptr + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0, cache_modifier=".cg"
+    )
+    wout = tl.load(wout_ptr + hcols[:, None] * AP + acols[None, :])
+    bout = tl.load(bout_ptr + acols)
+    c_inv, c_eps, c_sig, z = _step_inputs(z_ptr, coef_ptr, S - 1, rows, acols, xmask, R, A, T)
+    h = _sum_parts(pin_ptr, rows[:, None] * HP + hcols[None, :], rmask, R, HP, K, BM)
+    x = _reverse_update(h, x, wout, bout, c_inv, c_eps, c_sig, z, AP, BM, ACT, CLIP, PREC)
+    _candidates_out(x, obs_ptr, bidx, rows, rmask, acols, xmask, qwo_ptr, qwa_ptr, qb0_ptr,
+                    qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr, x_out_ptr, q_out_ptr, OBS, A, OP, OC,
+                    AP, E, QP0, QP1, QPL, QC, QDEPTH, BM, PREC)  # fmt: skip
 
 
 @_jit
@@ -483,65 +534,22 @@ def finish_kernel(
 ):  # fmt: skip
     """The "split" layout's last launch before the selection: the last reverse step's
     update, the final clip, and the critic on the candidates."""
-    pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < R
-    bidx = tl.where(rmask, rows // N, 0)
-    acols = tl.arange(0, AP)
-    amask = acols < A
-    hcols = tl.arange(0, HP)
-    xmask = rmask[:, None] & amask[None, :]
-    x = tl.load(xprev_ptr + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0)
-    wout = tl.load(wout_ptr + hcols[:, None] * AP + acols[None, :])
-    bout = tl.load(bout_ptr + acols)
-    c_inv, c_eps, c_sig, z = _step_inputs(z_ptr, coef_ptr, S - 1, rows, acols, xmask, R, A, T)
-    h = _sum_parts(pin_ptr, rows[:, None] * HP + hcols[None, :], rmask, R, HP, K, BM)
-    x = _reverse_update(h, x, wout, bout, c_inv, c_eps, c_sig, z, AP, BM, ACT, CLIP, PREC)
-    _candidates_out(x, obs_ptr, bidx, rows, rmask, acols, xmask, qwo_ptr, qwa_ptr, qb0_ptr,
-                    qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr, x_out_ptr, q_out_ptr, OBS, A, OP, OC,
-                    AP, E, QP0, QP1, QPL, QC, QDEPTH, BM, PREC)  # fmt: skip
+    _finish_rows(tl.program_id(0), obs_ptr, xprev_ptr, z_ptr, coef_ptr, pin_ptr, wout_ptr,
+                 bout_ptr, qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr,
+                 x_out_ptr, q_out_ptr, R, N, OBS, A, OP, OC, AP, HP, K, T, S, ACT, CLIP, E, QP0,
+                 QP1, QPL, QC, QDEPTH, BM, PREC)  # fmt: skip
 
 
 @_jit
-def select_kernel(
-    obs_ptr,  # (B, OBS) f32
-    u_ptr,  # (B,) f32
-    x_ptr,  # (R, A) f32: final candidates
-    q_ptr,  # (R,) f32
-    vlng_ptr,  # (OP,) f32: V's input LayerNorm (VLN)
-    vlnb_ptr,  # (OP,) f32
-    vw0_ptr,  # (OP, VP0) f32
-    vb0_ptr,  # (VP0,) f32
-    vw1_ptr,  # (VP0, VP1) float32 (VDEPTH == 2)
-    vb1_ptr,  # (VP1,) f32
-    vwl_ptr,  # (VPL,) f32
-    vbl_ptr,  # (1,) f32
-    out_ptr,  # (B, A + 4) f32: action | chosen Q | V | spread | index
-    tau,
-    alpha,
-    v_eps,
-    B,
-    N,
-    NP: tl.constexpr,
-    OBS: tl.constexpr,
-    OP: tl.constexpr,
-    OC: tl.constexpr,
-    A: tl.constexpr,
-    AP: tl.constexpr,
-    VP0: tl.constexpr,
-    VP1: tl.constexpr,
-    VPL: tl.constexpr,
-    VC: tl.constexpr,
-    VDEPTH: tl.constexpr,
-    VLN: tl.constexpr,
-    MODE: tl.constexpr,
-    VL: tl.constexpr,
-    BB: tl.constexpr,
-    LOWP: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    pid = tl.program_id(0)
+def _select_tile(pid, obs_ptr, u_ptr, x_ptr, q_ptr, vlng_ptr, vlnb_ptr, vw0_ptr, vb0_ptr,
+                 vw1_ptr, vb1_ptr, vwl_ptr, vbl_ptr, out_ptr, tau, alpha, v_eps, B, N,
+                 NP: tl.constexpr, OBS: tl.constexpr, OP: tl.constexpr, OC: tl.constexpr,
+                 A: tl.constexpr, AP: tl.constexpr, VP0: tl.constexpr, VP1: tl.constexpr,
+                 VPL: tl.constexpr, VC: tl.constexpr, VDEPTH: tl.constexpr, VLN: tl.constexpr,
+                 MODE: tl.constexpr, VL: tl.constexpr, BB: tl.constexpr, LOWP: tl.constexpr,
+                 UPCAST: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """States [pid BB, (pid+1) BB): V(obs), the pick among their N candidates, the packed
+    output rows (``select_kernel``). x and Q come from other programs: L2 loads."""
     brow = pid * BB + tl.arange(0, BB)
     bmask = brow < B
 
@@ -589,7 +597,9 @@ def select_kernel(
     ncols = tl.arange(0, NP)
     nmask = ncols < N
     valid = bmask[:, None] & nmask[None, :]
-    q = tl.load(q_ptr + brow[:, None] * N + ncols[None, :], mask=valid, other=0.0)
+    q = tl.load(
+        q_ptr + brow[:, None] * N + ncols[None, :], mask=valid, other=0.0, cache_modifier=".cg"
+    )
     qmax = tl.max(tl.where(nmask[None, :], q, float("-inf")), axis=1)
     qmin = tl.min(tl.where(nmask[None, :], q, float("inf")), axis=1)
     if MODE == 0:
@@ -624,7 +634,10 @@ def select_kernel(
     amask = acols < A
     xrow = brow * N + idx
     action = tl.load(
-        x_ptr + xrow[:, None] * A + acols[None, :], mask=bmask[:, None] & amask[None, :], other=0.0
+        x_ptr + xrow[:, None] * A + acols[None, :],
+        mask=bmask[:, None] & amask[None, :],
+        other=0.0,
+        cache_modifier=".cg",
     )
     orow = out_ptr + brow * (A + 4)
     tl.store(orow[:, None] + acols[None, :], action, mask=bmask[:, None] & amask[None, :])
@@ -632,3 +645,48 @@ def select_kernel(
     tl.store(orow + A + 1, v, mask=bmask)
     tl.store(orow + A + 2, qmax - qmin, mask=bmask)
     tl.store(orow + A + 3, idx.to(tl.float32), mask=bmask)
+
+
+@_jit
+def select_kernel(
+    obs_ptr,  # (B, OBS) f32
+    u_ptr,  # (B,) f32
+    x_ptr,  # (R, A) f32: final candidates
+    q_ptr,  # (R,) f32
+    vlng_ptr,  # (OP,) f32: V's input LayerNorm (VLN)
+    vlnb_ptr,  # (OP,) f32
+    vw0_ptr,  # (OP, VP0) f32
+    vb0_ptr,  # (VP0,) f32
+    vw1_ptr,  # (VP0, VP1) float32 (VDEPTH == 2)
+    vb1_ptr,  # (VP1,) f32
+    vwl_ptr,  # (VPL,) f32
+    vbl_ptr,  # (1,) f32
+    out_ptr,  # (B, A + 4) f32: action | chosen Q | V | spread | index
+    tau,
+    alpha,
+    v_eps,
+    B,
+    N,
+    NP: tl.constexpr,
+    OBS: tl.constexpr,
+    OP: tl.constexpr,
+    OC: tl.constexpr,
+    A: tl.constexpr,
+    AP: tl.constexpr,
+    VP0: tl.constexpr,
+    VP1: tl.constexpr,
+    VPL: tl.constexpr,
+    VC: tl.constexpr,
+    VDEPTH: tl.constexpr,
+    VLN: tl.constexpr,
+    MODE: tl.constexpr,
+    VL: tl.constexpr,
+    BB: tl.constexpr,
+    LOWP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    _select_tile(tl.program_id(0), obs_ptr, u_ptr, x_ptr, q_ptr, vlng_ptr, vlnb_ptr, vw0_ptr,
+                 vb0_ptr, vw1_ptr, vb1_ptr, vwl_ptr, vbl_ptr, out_ptr, tau, alpha, v_eps, B, N,
+                 NP, OBS, OP, OC, A, AP, VP0, VP1, VPL, VC, VDEPTH, VLN, MODE, VL, BB, LOWP,
+                 UPCAST, PREC)  # fmt: skip
