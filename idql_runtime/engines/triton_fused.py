@@ -3,7 +3,7 @@
 Why: on an H100/H200 the stock GPU engines are bound by kernel launches, not math
 (cuda_graph ~560-710 us, compiled + graph ~360 us at N = 128, B = 1, with ~60-160 small
 kernels per decision). Candidate rows are independent through all T reverse steps and
-through the critic; only the selection mixes rows. Two layouts
+through the critic; only the selection mixes rows. Three layouts
 (``engines/triton_kernels.py``):
 
 "split" (default): ``block_kernel`` once per (reverse step, LN-ResNet block), on a grid
@@ -13,6 +13,15 @@ block's output; the next launch sums the K parts in a fixed order (deterministic
 block's weights are spread over K programs (SMs) instead of each row tile streaming all
 of them. The first block of a step also computes the input projection, and advances x by
 the previous step's update. ``finish_kernel``: the last update, clip, and the Q ensemble.
+
+"persist": the split layout's launches as phases of ONE launch (``persist_kernel``):
+every program of the (row tiles) x (K slices) grid runs its share of each block, then
+waits at a grid barrier (an arrival counter: one release add per program, acquire polls)
+before the next; then the finish and, after another barrier, the selection. Needs the
+whole grid resident at once (grid <= SMs: B*N = 128 at the default split width, or 256
+at split_width 128) and reduced precision (float32 spills). Under the interpreter each
+phase is its own launch (programs run one after another there, a barrier would never
+open). Written after the last device call: not yet run on a GPU.
 
 "fused": ``decide_kernel``, one program per BLOCK_M rows runs everything above (the
 wide layer kept in registers chunk by chunk). Fewer launches, but B*N/16 programs each
@@ -55,6 +64,8 @@ from idql_runtime.decision import Decision, DecisionNoise, DecisionOutput, Decis
 from idql_runtime.engines.base import Engine, EngineUnavailable, capture_cuda_graph, dtype_name
 
 _WARMUP_CALLS = 2
+LAYOUTS = ("split", "fused", "persist")
+_PERSIST_MAX_SPIN = 1 << 21  # polls per grid barrier before it gives up (~1-2 s)
 _KERNELS: dict[bool, ModuleType] = {}
 _ACT_TYPES = {nn.SiLU: "swish", nn.Mish: "mish", nn.ReLU: "relu"}
 
@@ -238,8 +249,9 @@ class TritonEngine(Engine):
 
     Options: ``layout`` "split" (default: one launch per reverse step and block, the wide
     layer split across programs of ``split_width`` columns, then one for the last update
-    and the critic, one for the selection) or "fused" (one program per row tile runs the
-    whole decision, then the selection); ``block_m`` candidate rows per program (16:
+    and the critic, one for the selection), "persist" (the same work in one launch with
+    grid barriers; bf16/fp16, grid <= SMs; not yet run on a GPU) or "fused" (one program
+    per row tile runs the whole decision, then the selection); ``block_m`` candidate rows per program (16:
     larger tiles spill registers at v2 sizes); ``split_width`` (64); ``hidden_chunk``
     columns of the wide layer per inner step (64 for bf16/fp16, 32 for float32);
     ``num_warps`` (8: at v2 sizes and block_m 16, ptxas 12.8 for sm_90 reports no spills
@@ -276,11 +288,17 @@ class TritonEngine(Engine):
             )
         if input_precision not in ("ieee", "tf32"):
             raise ValueError(f"input_precision must be 'ieee' or 'tf32', got {input_precision!r}")
-        if layout not in ("split", "fused"):
-            raise ValueError(f"layout must be 'split' or 'fused', got {layout!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.interpret = self.device.type == "cpu"
         self._k = load_kernels(self.interpret)
         self._lowp = self.dtype != torch.float32
+        if layout == "persist" and not self._lowp:
+            raise ValueError(
+                "layout='persist' runs bfloat16 or float16 block weights, not float32: in "
+                "float32 its one kernel spills ~25 kB per thread on sm_90 (ptxas); use "
+                "layout='split' for float32"
+            )
         rows = spec.batch * spec.samples
         if block_m is None:
             block_m = 16  # larger tiles spill at v2 sizes (32: 1.3 kB bf16, 42 kB float32)
@@ -300,7 +318,20 @@ class TritonEngine(Engine):
         self._bufs: dict[str, Tensor] = {}
         self._pack()
         s, dev, c = self.spec, self.device, self._consts
-        if self.layout == "split":
+        if self.layout == "persist" and self.device.type == "cuda":
+            tiles = -(-rows // self._block_m)
+            grid = tiles * (c["FP"] // c["FS"])
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            if grid > sms:
+                raise ValueError(
+                    f"layout='persist' needs every program resident at once: its grid of "
+                    f"{tiles} row tiles x {c['FP'] // c['FS']} slices = {grid} programs "
+                    f"exceeds this GPU's {sms} SMs (B * N = {rows}); use layout='split' or "
+                    "a larger split_width"
+                )
+        self._sync = torch.zeros(1, dtype=torch.int32, device=dev)
+        self._err = torch.zeros(1, dtype=torch.int32, device=dev)
+        if self.layout in ("split", "persist"):
             # A block's output in K parts (ping-pong: block l writes [l % 2] and reads the
             # previous block's [(l - 1) % 2]), and x before every step s >= 1.
             k = c["FP"] // c["FS"]
@@ -313,9 +344,9 @@ class TritonEngine(Engine):
         self._drawn: DecisionNoise | None = None
         self.info.update(
             layout=self.layout,
-            kernels=2 + (c["S"] * c["NB"] if self.layout == "split" else 0),
+            kernels={"split": 2 + c["S"] * c["NB"], "fused": 2, "persist": 1}[self.layout],
             block_m=self._block_m,
-            split_width=self._consts["FS"] if self.layout == "split" else None,
+            split_width=self._consts["FS"] if self.layout != "fused" else None,
             hidden_chunk=self._consts["FC"],
             num_warps=num_warps,
             num_stages=num_stages,
@@ -331,6 +362,7 @@ class TritonEngine(Engine):
             self._obs = torch.zeros(s.batch, s.obs_dim, device=dev)
             self._obs_host = torch.zeros(s.batch, s.obs_dim).pin_memory()
             self._out_host = torch.zeros(s.batch, self._cols).pin_memory()
+            self._err_host = torch.zeros(1, dtype=torch.int32).pin_memory()
             self._noise_in = DecisionNoise.draw(spec, device=dev)
             self._graph_rng = self._capture(self._body_rng, register_rng=True)
             self._graph_given: torch.cuda.CUDAGraph | None = None
@@ -419,7 +451,7 @@ class TritonEngine(Engine):
             "v_eps": float(v.norm.eps) if v_ln else 1e-6,
         }
         c["FS"] = min(self._split, c["FP"])
-        c["FC"] = min(self._chunk, c["FP"], c["FS"] if self._layout_req == "split" else c["FP"])
+        c["FC"] = min(self._chunk, c["FP"], c["FS"] if self._layout_req != "fused" else c["FP"])
         c["QPL"] = c["QP1"] if c["QDEPTH"] == 2 else c["QP0"]
         c["QC"] = min(64, c["QP1"])
         c["VPL"] = c["VP1"] if c["VDEPTH"] == 2 else c["VP0"]
@@ -526,10 +558,14 @@ class TritonEngine(Engine):
 
     # ------------------------------------------------------------------ launches
     def _kernel_calls(
-        self, obs: Tensor, x0: Tensor, z: Tensor, u: Tensor
+        self, obs: Tensor, x0: Tensor, z: Tensor, u: Tensor, *, gpu: bool | None = None
     ) -> list[tuple[Any, tuple[int, ...], list[Any], dict[str, Any], dict[str, int]]]:
         """(kernel, grid, positional args, constexprs, launch options) of every launch, in
-        order: candidates + Q into self._x/_q, then the packed rows into self._out."""
+        order: candidates + Q into self._x/_q, then the packed rows into self._out. ``gpu``
+        (default: not interpreted): the launches of the compiled kernels, where they differ
+        (the persistent layout's one launch; the interpreter gets one per phase)."""
+        if gpu is None:
+            gpu = not self.interpret
         c, b, s = self._consts, self._bufs, self.spec
         rows = s.batch * s.samples
         low = {
@@ -553,6 +589,8 @@ class TritonEngine(Engine):
             decide_const = {k: c[k] for k in "OBS A H OP OC AP HP FP FC NB T S LN ACT CLIP".split()}
             decide_const.update(critic_const, BM=bm, **low)
             calls.append((self._k.decide_kernel, (tiles,), decide_args, decide_const, self._opts))
+        elif self.layout == "persist":
+            return self._persist_calls(obs, z, u, gpu)
         else:
             nb, steps = c["NB"], c["S"]
             hbuf, xbuf = self._h, self._xs
@@ -613,7 +651,52 @@ class TritonEngine(Engine):
         )
         return calls
 
+    def _persist_calls(
+        self, obs: Tensor, z: Tensor, u: Tensor, gpu: bool
+    ) -> list[tuple[Any, tuple[int, ...], list[Any], dict[str, Any], dict[str, int]]]:
+        """The persistent layout: one launch on the GPU; under the interpreter the same
+        kernel once per layer, then once for the finish and once for the selection (its
+        programs run one after another there, so a grid barrier could never open)."""
+        c, b, s = self._consts, self._bufs, self.spec
+        rows = s.batch * s.samples
+        grid: tuple[int, ...] = (-(-rows // self._block_m), c["FP"] // c["FS"])
+        layers = c["S"] * c["NB"]
+        names = "wo bin wa ts lng lnb w1 b1 w2 b2 wout bout qwo qwa qb0 qw1 qb1 qwl qbl"
+        head: list[Any] = [obs, self._xs, z, b["coef"], self._h, *(b[k] for k in names.split())]
+        head += [self._x, self._q, u]
+        head += [b[k] for k in "vlng vlnb vw0 vb0 vw1 vb1 vwl vbl".split()]
+        head += [self._out, self._sync, self._err]
+        head += [c["ln_eps"], float(self.decision.tau), float(self.decision.alpha), c["v_eps"]]
+        head += [rows, s.samples, s.batch]
+        keys = (
+            "OBS A H OP OC AP HP FP FC FS NB T S LN ACT CLIP E QP0 QP1 QPL QC QDEPTH NP VP0 VP1"
+            " VPL VC VDEPTH VLN MODE VL"
+        )
+        const: dict[str, Any] = {k: c[k] for k in keys.split()}
+        const.update(
+            K=c["FP"] // c["FS"],
+            BB=16,
+            BM=self._block_m,
+            LOWP=self._lowp,
+            UPCAST=self.interpret and self.dtype == torch.bfloat16,
+            PREC=self._prec,
+            MAX_SPIN=_PERSIST_MAX_SPIN,
+        )
+        kernel = self._k.persist_kernel
+        if gpu:
+            full = dict(const, DO_FINISH=True, DO_SELECT=True, PERSIST=True)
+            return [(kernel, grid, [*head, 0, layers], full, self._opts)]
+        phase = dict(const, DO_FINISH=False, DO_SELECT=False, PERSIST=False)
+        calls: list[tuple[Any, tuple[int, ...], list[Any], dict[str, Any], dict[str, int]]]
+        calls = [(kernel, grid, [*head, i, i + 1], phase, self._opts) for i in range(layers)]
+        for flag in ("DO_FINISH", "DO_SELECT"):
+            calls.append((kernel, grid, [*head, layers, layers], {**phase, flag: True}, {}))
+        return calls
+
     def _launch(self, obs: Tensor, x0: Tensor, z: Tensor, u: Tensor) -> None:
+        if self.layout == "persist":
+            self._xs[0].copy_(x0.reshape(self._xs[0].shape))  # x before step 0
+            self._sync.zero_()  # barrier arrivals count from zero in every decision
         for kernel, grid, args, const, opts in self._kernel_calls(obs, x0, z, u):
             kernel[grid](*args, **const, **opts)
 
@@ -632,13 +715,18 @@ class TritonEngine(Engine):
         kernels = load_kernels(False)
         target = GPUTarget("cuda", arch, 32)
         backend = triton.compiler.make_backend(target)
-        types = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+        types = {
+            torch.float32: "*fp32",
+            torch.bfloat16: "*bf16",
+            torch.float16: "*fp16",
+            torch.int32: "*i32",
+        }
         s = self.spec
         noise = DecisionNoise.draw(s, device=self.device)
         obs = torch.zeros(s.batch, s.obs_dim, device=self.device)
         out: dict[str, dict[str, Any]] = {}
         seen: set[str] = set()
-        for kernel, _, args, const, opts in self._kernel_calls(obs, *noise):
+        for kernel, _, args, const, opts in self._kernel_calls(obs, *noise, gpu=True):
             key = f"{kernel.__name__}{sorted(const.items())}"
             if key in seen:  # the split layout launches block_kernel once per (step, block)
                 continue
@@ -719,7 +807,15 @@ class TritonEngine(Engine):
                 self._graph_given = self._capture(self._body_given)
             self._graph_given.replay()
         self._out_host.copy_(self._out, non_blocking=True)
+        if self.layout == "persist":
+            self._err_host.copy_(self._err, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
+        if self.layout == "persist" and int(self._err_host[0]):
+            raise RuntimeError(
+                "the triton engine's persistent kernel timed out at a grid barrier (not "
+                "every program was resident?): its output is not valid; rebuild with "
+                "layout='split'"
+            )
         return self._unpack(self._out_host)
 
     def _unpack(self, packed: Tensor) -> DecisionOutput:

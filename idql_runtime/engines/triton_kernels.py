@@ -690,3 +690,110 @@ def select_kernel(
                  vb0_ptr, vw1_ptr, vb1_ptr, vwl_ptr, vbl_ptr, out_ptr, tau, alpha, v_eps, B, N,
                  NP, OBS, OP, OC, A, AP, VP0, VP1, VPL, VC, VDEPTH, VLN, MODE, VL, BB, LOWP,
                  UPCAST, PREC)  # fmt: skip
+
+
+@_jit
+def _grid_sync(sync_ptr, target, err_ptr, MAX_SPIN: tl.constexpr):
+    """Wait until ``target`` arrivals are counted at ``sync_ptr`` (each program adds one per
+    barrier, so barrier j of P programs waits for j * P). Every program of the grid must be
+    resident at once (``persist_kernel``'s caller checks grid <= SMs). The CTA barrier
+    orders this program's stores before its release; the acquire orders the loads after.
+    After MAX_SPIN polls it gives up and sets ``err_ptr``: a wrong answer flagged to the
+    host, not a hung GPU."""
+    tl.debug_barrier()
+    tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+    spins = 0
+    while (seen < target) & (spins < MAX_SPIN):
+        seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+        spins += 1
+    if seen < target:
+        tl.atomic_max(err_ptr, 1)
+    tl.debug_barrier()
+
+
+@_jit
+def persist_kernel(
+    obs_ptr,  # (B, OBS) f32
+    xs_ptr,  # (S, R, A) f32: x before each reverse step; [0] = x_init, set by the caller
+    z_ptr,  # (T, R, A) f32
+    coef_ptr,  # (S, 4) f32
+    hbuf_ptr,  # (2, K, R, HP) f32: block outputs in K parts, ping-pong by layer parity
+    wo_ptr, bin_ptr, wa_ptr, ts_ptr, lng_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    wout_ptr, bout_ptr,
+    qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr,
+    x_out_ptr,  # (R, A) f32
+    q_out_ptr,  # (R,) f32
+    u_ptr,  # (B,) f32
+    vlng_ptr, vlnb_ptr, vw0_ptr, vb0_ptr, vw1_ptr, vb1_ptr, vwl_ptr, vbl_ptr,
+    out_ptr,  # (B, A + 4) f32
+    sync_ptr,  # (1,) i32: barrier arrivals, zeroed by the caller before each launch
+    err_ptr,  # (1,) i32: set to 1 if a barrier timed out
+    ln_eps, tau, alpha, v_eps,
+    R, N, B,
+    L0,  # layers [L0, L1) of S * NB (layer = step * NB + block)
+    L1,
+    OBS: tl.constexpr, A: tl.constexpr, H: tl.constexpr, OP: tl.constexpr,
+    OC: tl.constexpr, AP: tl.constexpr, HP: tl.constexpr, FP: tl.constexpr,
+    FC: tl.constexpr, FS: tl.constexpr, K: tl.constexpr, NB: tl.constexpr, T: tl.constexpr,
+    S: tl.constexpr,
+    LN: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr,
+    E: tl.constexpr, QP0: tl.constexpr, QP1: tl.constexpr, QPL: tl.constexpr,
+    QC: tl.constexpr, QDEPTH: tl.constexpr,
+    NP: tl.constexpr, VP0: tl.constexpr, VP1: tl.constexpr, VPL: tl.constexpr,
+    VC: tl.constexpr, VDEPTH: tl.constexpr, VLN: tl.constexpr, MODE: tl.constexpr,
+    VL: tl.constexpr, BB: tl.constexpr,
+    BM: tl.constexpr, LOWP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    DO_FINISH: tl.constexpr,
+    DO_SELECT: tl.constexpr,
+    PERSIST: tl.constexpr,
+    MAX_SPIN: tl.constexpr,
+):  # fmt: skip
+    """The "persistent" layout: the split layout's launches as phases of ONE launch.
+
+    Program (i, f) of a (row tiles) x (K slices) grid runs, for every layer (reverse step s,
+    block b) in [L0, L1), what ``block_kernel`` program (i, f) does, then waits at a grid
+    barrier for every other program's part; then the row tiles' last update and critic
+    (``finish_kernel``, programs f = 0), a barrier, and the selection (``select_kernel``,
+    the first ceil(B / BB) programs). With PERSIST (the GPU) one launch covers everything;
+    Triton's interpreter runs programs one after another, so a barrier would never open:
+    there the caller launches each phase alone (PERSIST off, barriers compiled out) and the
+    same code computes the same values in the same order.
+    """
+    pid = tl.program_id(0)
+    fid = tl.program_id(1)
+    nprog = tl.num_programs(0) * tl.num_programs(1)
+    syncs = 0
+    for layer in range(L0, L1):
+        s = layer // NB
+        blk = layer - s * NB
+        pin = hbuf_ptr + ((layer + 1) % 2) * (K * R * HP)  # layer - 1's output
+        pout = hbuf_ptr + (layer % 2) * (K * R * HP)
+        xprev = xs_ptr + tl.maximum(s - 1, 0) * (R * A)
+        xcur = xs_ptr + s * (R * A)
+        _block_layer(pid, fid, obs_ptr, xprev, xcur, z_ptr, coef_ptr, pin, pout, wo_ptr,
+                     bin_ptr, wa_ptr, ts_ptr, lng_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                     wout_ptr, bout_ptr, ln_eps, R, N, s, blk, blk == 0, (blk == 0) & (s > 0),
+                     OBS, A, H, OP, OC, AP, HP, FP, FC, FS, K, T, LN, ACT, CLIP, BM, LOWP,
+                     UPCAST, PREC)  # fmt: skip
+        if PERSIST:
+            syncs += 1
+            _grid_sync(sync_ptr, syncs * nprog, err_ptr, MAX_SPIN)
+    if DO_FINISH:
+        if fid == 0:
+            last = S * NB - 1
+            _finish_rows(pid, obs_ptr, xs_ptr + (S - 1) * (R * A), z_ptr, coef_ptr,
+                         hbuf_ptr + (last % 2) * (K * R * HP), wout_ptr, bout_ptr, qwo_ptr,
+                         qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr, x_out_ptr,
+                         q_out_ptr, R, N, OBS, A, OP, OC, AP, HP, K, T, S, ACT, CLIP, E, QP0,
+                         QP1, QPL, QC, QDEPTH, BM, PREC)  # fmt: skip
+        if PERSIST:
+            syncs += 1
+            _grid_sync(sync_ptr, syncs * nprog, err_ptr, MAX_SPIN)
+    if DO_SELECT:
+        tile = pid * tl.num_programs(1) + fid
+        if tile * BB < B:
+            _select_tile(tile, obs_ptr, u_ptr, x_out_ptr, q_out_ptr, vlng_ptr, vlnb_ptr,
+                         vw0_ptr, vb0_ptr, vw1_ptr, vb1_ptr, vwl_ptr, vbl_ptr, out_ptr, tau,
+                         alpha, v_eps, B, N, NP, OBS, OP, OC, A, AP, VP0, VP1, VPL, VC, VDEPTH,
+                         VLN, MODE, VL, BB, LOWP, UPCAST, PREC)  # fmt: skip
