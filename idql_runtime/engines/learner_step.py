@@ -113,6 +113,37 @@ def adam_update(
     torch._foreach_add_(params, upd)
 
 
+def cosine_lr(k: Tensor, base_lr: float, decay: float) -> Tensor:
+    """optax cosine decay (Agent's LambdaLR): base * 0.5 (1 + cos(pi min(k, D) / D))."""
+    return base_lr * 0.5 * (1.0 + torch.cos(math.pi * torch.clamp(k, max=decay) / decay))
+
+
+def actor_adam_update(
+    params: list[Tensor],
+    grads: Sequence[Tensor],
+    exp_avg: list[Tensor],
+    exp_avg_sq: list[Tensor],
+    step: Tensor,
+    k: Tensor,
+    base_lr: float,
+    decay: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> Tensor:
+    """The actor's AdamW step at the scheduler position k, then k + 1; returns the
+    learning rate at k + 1 (the metric ``Agent.update`` reports). One function, so that
+    the schedule's few scalar ops compile (and are captured) with the update instead of
+    running as ~a dozen separate tiny kernels per iteration."""
+    adam_update(
+        params, grads, exp_avg, exp_avg_sq, step, cosine_lr(k, base_lr, decay),
+        beta1, beta2, eps, weight_decay,
+    )  # fmt: skip
+    k.add_(1.0)
+    return cosine_lr(k, base_lr, decay)
+
+
 def ema_lerp(target: list[Tensor], online: list[Tensor], rate: float) -> None:
     """agent.ema_update as one foreach op: target <- target + rate * (online - target)."""
     torch._foreach_lerp_(target, online, rate)
@@ -223,6 +254,7 @@ class LearnerStep:
         self._v_loss = wrap(critic_v_loss)
         self._q_loss = wrap(critic_q_loss)
         self._adam = wrap(adam_update)
+        self._actor_adam = wrap(actor_adam_update)
         self._ema = wrap(ema_lerp)
 
         b, a, o = batch_size, agent.act_dim, agent.obs_dim
@@ -242,12 +274,8 @@ class LearnerStep:
 
     # ------------------------------------------------------------------ the iteration
     def _lr_at(self, k: Tensor) -> Tensor:
-        """optax cosine decay (Agent's LambdaLR): base * 0.5 (1 + cos(pi min(k, D) / D))."""
-        return (
-            self._base_lr
-            * 0.5
-            * (1.0 + torch.cos(math.pi * torch.clamp(k, max=self._decay) / self._decay))
-        )
+        """optax cosine decay (Agent's LambdaLR) at scheduler position k."""
+        return cosine_lr(k, self._base_lr, self._decay)
 
     def _iteration(self, batch: dict[str, Tensor]) -> Tensor:
         ag, c = self.agent, self.agent.cfg
@@ -255,22 +283,22 @@ class LearnerStep:
         ag.score.train()
         loss_a = self._actor_loss(ag.score, self._alpha_bars, obs, action, self._t, self._eps)
         grads = torch.autograd.grad(loss_a, self._p_actor)
-        lr = self._lr_at(self._k)
         o = self._actor
         with torch.no_grad():
-            self._adam(
+            lr_next = self._actor_adam(
                 self._p_actor,
                 grads,
                 o.exp_avg,
                 o.exp_avg_sq,
                 o.step,
-                lr,
+                self._k,
+                self._base_lr,
+                self._decay,
                 o.beta1,
                 o.beta2,
                 o.eps,
                 o.weight_decay,
             )
-            self._k.add_(1.0)
             self._ema(self._p_ema, self._p_actor, c.train.actor_ema)
 
         if self._rows is not None:
@@ -330,7 +358,7 @@ class LearnerStep:
             return torch.stack(
                 [
                     loss_a.detach(),
-                    self._lr_at(self._k),
+                    lr_next,
                     loss_v.detach(),
                     v_mean,
                     loss_q.detach(),
