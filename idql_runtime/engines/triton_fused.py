@@ -65,7 +65,7 @@ from idql_runtime.engines.base import Engine, EngineUnavailable, capture_cuda_gr
 
 _WARMUP_CALLS = 2
 LAYOUTS = ("split", "fused", "persist")
-_PERSIST_MAX_SPIN = 1 << 21  # polls per grid barrier before it gives up (~1-2 s)
+_PERSIST_MAX_SPIN = 1 << 18  # polls per grid barrier before it gives up (~0.1-0.3 s)
 _KERNELS: dict[bool, ModuleType] = {}
 _ACT_TYPES = {nn.SiLU: "swish", nn.Mish: "mish", nn.ReLU: "relu"}
 
@@ -330,6 +330,7 @@ class TritonEngine(Engine):
                     "a larger split_width"
                 )
         self._sync = torch.zeros(1, dtype=torch.int32, device=dev)
+        self._persist_failed = ""  # why, once a grid barrier timed out
         self._err = torch.zeros(1, dtype=torch.int32, device=dev)
         if self.layout in ("split", "persist"):
             # A block's output in K parts (ping-pong: block l writes [l % 2] and reads the
@@ -796,6 +797,8 @@ class TritonEngine(Engine):
             with torch.no_grad(), interpretable_triton_library():
                 self._launch_noise(obs.contiguous(), noise)
             return self._unpack(self._out)
+        if self._persist_failed:
+            raise RuntimeError(self._persist_failed)
         self._obs_host.copy_(obs)
         self._obs.copy_(self._obs_host, non_blocking=True)
         if noise is None:
@@ -811,11 +814,12 @@ class TritonEngine(Engine):
             self._err_host.copy_(self._err, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
         if self.layout == "persist" and int(self._err_host[0]):
-            raise RuntimeError(
+            self._persist_failed = (
                 "the triton engine's persistent kernel timed out at a grid barrier (not "
-                "every program was resident?): its output is not valid; rebuild with "
-                "layout='split'"
+                "every program was resident?): its output is not valid, and this engine "
+                "refuses every later decision; rebuild with layout='split'"
             )
+            raise RuntimeError(self._persist_failed)
         return self._unpack(self._out_host)
 
     def _unpack(self, packed: Tensor) -> DecisionOutput:
