@@ -131,17 +131,38 @@ def actor_adam_update(
     beta2: float,
     eps: float,
     weight_decay: float,
+    ema_params: list[Tensor],
+    ema_rate: float,
 ) -> Tensor:
-    """The actor's AdamW step at the scheduler position k, then k + 1; returns the
-    learning rate at k + 1 (the metric ``Agent.update`` reports). One function, so that
-    the schedule's few scalar ops compile (and are captured) with the update instead of
-    running as ~a dozen separate tiny kernels per iteration."""
+    """The actor's AdamW step at the scheduler position k, then k + 1, then the EMA of the
+    sampling network; returns the learning rate at k + 1 (the metric ``Agent.update``
+    reports). One function, so that the schedule's scalar ops and the EMA compile (and
+    are captured) with the update instead of running as separate small kernels."""
     adam_update(
         params, grads, exp_avg, exp_avg_sq, step, cosine_lr(k, base_lr, decay),
         beta1, beta2, eps, weight_decay,
     )  # fmt: skip
     k.add_(1.0)
+    ema_lerp(ema_params, params, ema_rate)
     return cosine_lr(k, base_lr, decay)
+
+
+def q_adam_update(
+    params: list[Tensor],
+    grads: Sequence[Tensor],
+    exp_avg: list[Tensor],
+    exp_avg_sq: list[Tensor],
+    step: Tensor,
+    lr: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    target_params: list[Tensor],
+    target_rate: float,
+) -> None:
+    """Q's Adam step, then the target Q's EMA, as one compiled function."""
+    adam_update(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, 0.0)
+    ema_lerp(target_params, params, target_rate)
 
 
 def ema_lerp(target: list[Tensor], online: list[Tensor], rate: float) -> None:
@@ -255,7 +276,7 @@ class LearnerStep:
         self._q_loss = wrap(critic_q_loss)
         self._adam = wrap(adam_update)
         self._actor_adam = wrap(actor_adam_update)
-        self._ema = wrap(ema_lerp)
+        self._q_adam = wrap(q_adam_update)
 
         b, a, o = batch_size, agent.act_dim, agent.obs_dim
         dev = self.device
@@ -298,8 +319,9 @@ class LearnerStep:
                 o.beta2,
                 o.eps,
                 o.weight_decay,
+                self._p_ema,
+                c.train.actor_ema,
             )
-            self._ema(self._p_ema, self._p_actor, c.train.actor_ema)
 
         if self._rows is not None:
             batch = {k: v[: self._rows] for k, v in batch.items()}
@@ -342,7 +364,7 @@ class LearnerStep:
         grads = torch.autograd.grad(loss_q, self._p_q)
         o = self._qopt
         with torch.no_grad():
-            self._adam(
+            self._q_adam(
                 self._p_q,
                 grads,
                 o.exp_avg,
@@ -352,9 +374,9 @@ class LearnerStep:
                 o.beta1,
                 o.beta2,
                 o.eps,
-                0.0,
+                self._p_qt,
+                cc.target_ema,
             )
-            self._ema(self._p_qt, self._p_q, cc.target_ema)
             return torch.stack(
                 [
                     loss_a.detach(),
