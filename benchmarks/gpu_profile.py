@@ -29,7 +29,6 @@ to try the script without a GPU; those numbers mean nothing for the GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from idql_runtime.cli.bench import parse_options
+from idql_runtime.cli.bench import JsonLines, parse_options
 
 
 def profile_calls(fn: Callable[[], Any], iters: int, device: str, top: int = 15) -> dict[str, Any]:
@@ -159,15 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         return Agent(config_from_flat({}), 17, 6).to(args.device), "random (v2, obs 17, act 6)"
 
     card = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    sink = open(args.out, "w") if args.out else None  # noqa: SIM115 - line by line
-
-    def emit(row: dict[str, Any]) -> None:
-        line = json.dumps(row)
-        print(line, flush=True)
-        if sink:
-            sink.write(line + "\n")
-            sink.flush()
-
+    sink = JsonLines(args.out)
+    emit = sink.write
     emit({"run": {"card": card, "torch": torch.__version__, "iters": args.iters}})
     for target in args.targets:
         parts = target.split(":")
@@ -199,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - one target failing must not stop the rest
             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         emit(row)
-    if sink:
-        sink.close()
+    sink.close()
     return 0
 
 

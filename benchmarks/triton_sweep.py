@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from idql_runtime.cli.bench import parse_options, percentile
+from idql_runtime.cli.bench import JsonLines, parse_options, percentile
 
 DEFAULT_VARIANTS = [
     # (kind, dtype, options)
@@ -126,17 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     variants = (
         [parse_variant(v) for v in args.variants] if args.variants else list(DEFAULT_VARIANTS)
     )
-    sink = open(args.out, "w") if args.out else None  # noqa: SIM115 - line by line
+    sink = JsonLines(args.out)
     card = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     shape = {"batch": args.batch, "samples": args.samples, "card": card, "weights": weights}
     print(json.dumps({"run": shape, "torch": torch.__version__}), flush=True)
 
     def emit(row: dict[str, Any]) -> None:
-        line = json.dumps(row)
-        print(line, flush=True)
-        if sink:
-            sink.write(line + "\n")
-            sink.flush()
+        sink.write(row)
         dev = row.get("replay_us")
         prec = row.get("precision") or {}
         print(
@@ -192,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         {"kind": "eager", "dtype": "float32", "p50_us": pct(base, 50), "p99_us": pct(base, 99),
          "note": "baseline again, after the sweep"}
     )  # fmt: skip
-    if sink:
-        sink.close()
+    sink.close()
     return 0
 
 

@@ -127,9 +127,13 @@ class Actor:
             self.report.weights_refused += 1
             return False
         tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+        score_changed = self._pair is not None and any(k.startswith("score_ema.") for k in arrays)
+        leaving = score_changed and self.engine is self._pair[0]  # type: ignore[index]
         try:
             self.agent.load_inference_state(tensors, strict=False)
-            if hasattr(self.engine, "load_weights"):
+            # a reduced engine being left for float32 is not loaded: _score_changed loads
+            # the float32 one, and a re-check reloads this one when it starts
+            if not leaving and hasattr(self.engine, "load_weights"):
                 # only the groups that came (usually target Q and V, ~140k values), not
                 # the whole 1.7M-parameter score network again: this runs between ticks
                 self.engine.load_weights(tensors, partial=True)
@@ -141,7 +145,7 @@ class Actor:
             return False
         self.policy_version = version
         self.report.weight_swaps += 1
-        if self._pair is not None and any(k.startswith("score_ema.") for k in arrays):
+        if score_changed:
             self._score_changed(version)
         return True
 
@@ -240,8 +244,13 @@ class Actor:
         if not ok:
             log.warning("weights version %s: %s stays off (%s)", version, dtype, why)
             return
-        # critic-only updates since the check began went to the float32 engine only
-        reduced.load_weights(self.agent.inference_state())
+        # The check restarts on every score change, so only critic updates since it began
+        # (they went to the float32 engine) are missing here: those groups, not a repack
+        # of the whole score network on the control thread.
+        critic = {
+            k: v for k, v in self.agent.inference_state().items() if not k.startswith("score_ema.")
+        }
+        reduced.load_weights(critic, partial=True)
         reduced.info["precision_check"] = {"chosen": dtype, "why": why, "tried": report}
         self.engine = reduced
         self.report.precision_return_version = version

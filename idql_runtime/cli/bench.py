@@ -172,6 +172,25 @@ def interleaved(
     return eng, eag
 
 
+class JsonLines:
+    """Rows as JSON lines, each printed (flushed) as soon as it is measured and appended to
+    ``path`` when given: a benchmark cut short keeps what it measured."""
+
+    def __init__(self, path: str | None) -> None:
+        self._file = open(path, "w") if path else None  # noqa: SIM115 - line by line
+
+    def write(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row)
+        print(line, flush=True)
+        if self._file:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
 def parse_options(text: str) -> dict[str, Any]:
     """``key=value,...`` -> dict, integers as int."""
     out: dict[str, Any] = {}

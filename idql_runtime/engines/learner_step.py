@@ -118,51 +118,38 @@ def cosine_lr(k: Tensor, base_lr: float, decay: float) -> Tensor:
     return base_lr * 0.5 * (1.0 + torch.cos(math.pi * torch.clamp(k, max=decay) / decay))
 
 
-def actor_adam_update(
-    params: list[Tensor],
+def adam_ema_update(
+    opt: _Opt,
     grads: Sequence[Tensor],
-    exp_avg: list[Tensor],
-    exp_avg_sq: list[Tensor],
-    step: Tensor,
+    lr: Tensor,
+    ema_params: list[Tensor] | None = None,
+    ema_rate: float = 0.0,
+) -> None:
+    """``opt``'s Adam/AdamW step at ``lr``, then (given ``ema_params``) the EMA that follows
+    those parameters: one function, so both compile (and are captured) together."""
+    adam_update(
+        opt.params, grads, opt.exp_avg, opt.exp_avg_sq, opt.step, lr,
+        opt.beta1, opt.beta2, opt.eps, opt.weight_decay,
+    )  # fmt: skip
+    if ema_params is not None:
+        ema_lerp(ema_params, opt.params, ema_rate)
+
+
+def actor_adam_update(
+    opt: _Opt,
+    grads: Sequence[Tensor],
     k: Tensor,
     base_lr: float,
     decay: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
     ema_params: list[Tensor],
     ema_rate: float,
 ) -> Tensor:
-    """The actor's AdamW step at the scheduler position k, then k + 1, then the EMA of the
-    sampling network; returns the learning rate at k + 1 (the metric ``Agent.update``
-    reports). One function, so that the schedule's scalar ops and the EMA compile (and
-    are captured) with the update instead of running as separate small kernels."""
-    adam_update(
-        params, grads, exp_avg, exp_avg_sq, step, cosine_lr(k, base_lr, decay),
-        beta1, beta2, eps, weight_decay,
-    )  # fmt: skip
+    """The actor's AdamW step at scheduler position k and the sampling network's EMA, then
+    k + 1; returns the learning rate at k + 1 (the metric ``Agent.update`` reports). The
+    schedule's scalar ops compile with the update instead of running as small kernels."""
+    adam_ema_update(opt, grads, cosine_lr(k, base_lr, decay), ema_params, ema_rate)
     k.add_(1.0)
-    ema_lerp(ema_params, params, ema_rate)
     return cosine_lr(k, base_lr, decay)
-
-
-def q_adam_update(
-    params: list[Tensor],
-    grads: Sequence[Tensor],
-    exp_avg: list[Tensor],
-    exp_avg_sq: list[Tensor],
-    step: Tensor,
-    lr: Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    target_params: list[Tensor],
-    target_rate: float,
-) -> None:
-    """Q's Adam step, then the target Q's EMA, as one compiled function."""
-    adam_update(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, 0.0)
-    ema_lerp(target_params, params, target_rate)
 
 
 def ema_lerp(target: list[Tensor], online: list[Tensor], rate: float) -> None:
@@ -274,9 +261,8 @@ class LearnerStep:
         self._actor_loss = wrap(actor_loss)
         self._v_loss = wrap(critic_v_loss)
         self._q_loss = wrap(critic_q_loss)
-        self._adam = wrap(adam_update)
+        self._adam_ema = wrap(adam_ema_update)
         self._actor_adam = wrap(actor_adam_update)
-        self._q_adam = wrap(q_adam_update)
 
         b, a, o = batch_size, agent.act_dim, agent.obs_dim
         dev = self.device
@@ -304,24 +290,11 @@ class LearnerStep:
         ag.score.train()
         loss_a = self._actor_loss(ag.score, self._alpha_bars, obs, action, self._t, self._eps)
         grads = torch.autograd.grad(loss_a, self._p_actor)
-        o = self._actor
         with torch.no_grad():
             lr_next = self._actor_adam(
-                self._p_actor,
-                grads,
-                o.exp_avg,
-                o.exp_avg_sq,
-                o.step,
-                self._k,
-                self._base_lr,
-                self._decay,
-                o.beta1,
-                o.beta2,
-                o.eps,
-                o.weight_decay,
-                self._p_ema,
-                c.train.actor_ema,
-            )
+                self._actor, grads, self._k, self._base_lr, self._decay,
+                self._p_ema, c.train.actor_ema,
+            )  # fmt: skip
 
         if self._rows is not None:
             batch = {k: v[: self._rows] for k, v in batch.items()}
@@ -337,20 +310,8 @@ class LearnerStep:
             cc.exp_clip,
         )
         grads = torch.autograd.grad(loss_v, self._p_v)
-        o = self._vopt
         with torch.no_grad():
-            self._adam(
-                self._p_v,
-                grads,
-                o.exp_avg,
-                o.exp_avg_sq,
-                o.step,
-                self._critic_lr_t,
-                o.beta1,
-                o.beta2,
-                o.eps,
-                0.0,
-            )
+            self._adam_ema(self._vopt, grads, self._critic_lr_t)
         loss_q, q_mean = self._q_loss(
             ag.q,
             ag.v,
@@ -362,21 +323,8 @@ class LearnerStep:
             cc.discount,
         )
         grads = torch.autograd.grad(loss_q, self._p_q)
-        o = self._qopt
         with torch.no_grad():
-            self._q_adam(
-                self._p_q,
-                grads,
-                o.exp_avg,
-                o.exp_avg_sq,
-                o.step,
-                self._critic_lr_t,
-                o.beta1,
-                o.beta2,
-                o.eps,
-                self._p_qt,
-                cc.target_ema,
-            )
+            self._adam_ema(self._qopt, grads, self._critic_lr_t, self._p_qt, cc.target_ema)
             return torch.stack(
                 [
                     loss_a.detach(),

@@ -320,28 +320,30 @@ class TritonEngine(Engine):
         s, dev, c = self.spec, self.device, self._consts
         if self.layout == "persist" and self.device.type == "cuda":
             tiles = -(-rows // self._block_m)
-            grid = tiles * (c["FP"] // c["FS"])
+            grid = tiles * c["K"]
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             if grid > sms:
                 raise ValueError(
                     f"layout='persist' needs every program resident at once: its grid of "
-                    f"{tiles} row tiles x {c['FP'] // c['FS']} slices = {grid} programs "
+                    f"{tiles} row tiles x {c['K']} slices = {grid} programs "
                     f"exceeds this GPU's {sms} SMs (B * N = {rows}); use layout='split' or "
                     "a larger split_width"
                 )
         self._sync = torch.zeros(1, dtype=torch.int32, device=dev)
         self._persist_failed = ""  # why, once a grid barrier timed out
-        self._err = torch.zeros(1, dtype=torch.int32, device=dev)
         if self.layout in ("split", "persist"):
             # A block's output in K parts (ping-pong: block l writes [l % 2] and reads the
             # previous block's [(l - 1) % 2]), and x before every step s >= 1.
-            k = c["FP"] // c["FS"]
-            self._h = torch.zeros(2, k, rows, c["HP"], device=dev)
+            self._h = torch.zeros(2, c["K"], rows, c["HP"], device=dev)
             self._xs = torch.zeros(max(1, c["S"]), rows, s.act_dim, device=dev)
         self._x = torch.zeros(rows, s.act_dim, device=dev)
         self._q = torch.zeros(rows, device=dev)
         self._cols = s.act_dim + 4  # action | chosen_q | value | adv_spread | index
-        self._out = torch.zeros(s.batch, self._cols, device=dev)
+        # The packed rows and, after them, the persistent layout's barrier-timeout flag (an
+        # int32 in the last float32 slot): one device -> host copy per decision for both.
+        self._out_buf = torch.zeros(s.batch * self._cols + 1, device=dev)
+        self._out = self._out_buf[:-1].view(s.batch, self._cols)
+        self._err = self._out_buf[-1:].view(torch.int32)
         self._drawn: DecisionNoise | None = None
         self.info.update(
             layout=self.layout,
@@ -362,8 +364,8 @@ class TritonEngine(Engine):
         if self.device.type == "cuda":
             self._obs = torch.zeros(s.batch, s.obs_dim, device=dev)
             self._obs_host = torch.zeros(s.batch, s.obs_dim).pin_memory()
-            self._out_host = torch.zeros(s.batch, self._cols).pin_memory()
-            self._err_host = torch.zeros(1, dtype=torch.int32).pin_memory()
+            self._out_host_buf = torch.zeros(s.batch * self._cols + 1).pin_memory()
+            self._out_host = self._out_host_buf[:-1].view(s.batch, self._cols)
             self._noise_in = DecisionNoise.draw(spec, device=dev)
             self._graph_rng = self._capture(self._body_rng, register_rng=True)
             self._graph_given: torch.cuda.CUDAGraph | None = None
@@ -452,6 +454,7 @@ class TritonEngine(Engine):
             "v_eps": float(v.norm.eps) if v_ln else 1e-6,
         }
         c["FS"] = min(self._split, c["FP"])
+        c["K"] = c["FP"] // c["FS"]  # parts per block output (split and persist layouts)
         c["FC"] = min(self._chunk, c["FP"], c["FS"] if self._layout_req != "fused" else c["FP"])
         c["QPL"] = c["QP1"] if c["QDEPTH"] == 2 else c["QP0"]
         c["QC"] = min(64, c["QP1"])
@@ -600,9 +603,9 @@ class TritonEngine(Engine):
                 return x0 if step == 0 else xbuf[step]
 
             block_const = {k: c[k] for k in "OBS A H OP OC AP HP FP FC FS T LN ACT CLIP".split()}
-            block_const.update(K=c["FP"] // c["FS"], BM=bm, **low)
+            block_const.update(K=c["K"], BM=bm, **low)
             weights = [b[k] for k in "wo bin wa ts lng lnb w1 b1 w2 b2 wout bout".split()]
-            grid = (tiles, c["FP"] // c["FS"])
+            grid = (tiles, c["K"])
             for step in range(steps):
                 for blk in range(nb):
                     layer = step * nb + blk
@@ -620,7 +623,7 @@ class TritonEngine(Engine):
             finish_const = {k: c[k] for k in "OBS A OP OC AP HP T S ACT CLIP".split()}
             # 16 rows a program whatever block_m is: the float32 critic on more rows spills
             fm = min(bm, 16)
-            finish_const.update(critic_const, K=c["FP"] // c["FS"], BM=fm, PREC=self._prec)
+            finish_const.update(critic_const, K=c["K"], BM=fm, PREC=self._prec)
             calls.append(
                 (
                     self._k.finish_kernel,
@@ -660,7 +663,7 @@ class TritonEngine(Engine):
         programs run one after another there, so a grid barrier could never open)."""
         c, b, s = self._consts, self._bufs, self.spec
         rows = s.batch * s.samples
-        grid: tuple[int, ...] = (-(-rows // self._block_m), c["FP"] // c["FS"])
+        grid: tuple[int, ...] = (-(-rows // self._block_m), c["K"])
         layers = c["S"] * c["NB"]
         names = "wo bin wa ts lng lnb w1 b1 w2 b2 wout bout qwo qwa qb0 qw1 qb1 qwl qbl"
         head: list[Any] = [obs, self._xs, z, b["coef"], self._h, *(b[k] for k in names.split())]
@@ -670,12 +673,11 @@ class TritonEngine(Engine):
         head += [c["ln_eps"], float(self.decision.tau), float(self.decision.alpha), c["v_eps"]]
         head += [rows, s.samples, s.batch]
         keys = (
-            "OBS A H OP OC AP HP FP FC FS NB T S LN ACT CLIP E QP0 QP1 QPL QC QDEPTH NP VP0 VP1"
+            "OBS A H OP OC AP HP FP FC FS K NB T S LN ACT CLIP E QP0 QP1 QPL QC QDEPTH NP VP0 VP1"
             " VPL VC VDEPTH VLN MODE VL"
         )
         const: dict[str, Any] = {k: c[k] for k in keys.split()}
         const.update(
-            K=c["FP"] // c["FS"],
             BB=16,
             BM=self._block_m,
             LOWP=self._lowp,
@@ -809,11 +811,9 @@ class TritonEngine(Engine):
             if self._graph_given is None:
                 self._graph_given = self._capture(self._body_given)
             self._graph_given.replay()
-        self._out_host.copy_(self._out, non_blocking=True)
-        if self.layout == "persist":
-            self._err_host.copy_(self._err, non_blocking=True)
+        self._out_host_buf.copy_(self._out_buf, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
-        if self.layout == "persist" and int(self._err_host[0]):
+        if self.layout == "persist" and int(self._out_host_buf[-1:].view(torch.int32)[0]):
             self._persist_failed = (
                 "the triton engine's persistent kernel timed out at a grid barrier (not "
                 "every program was resident?): its output is not valid, and this engine "
