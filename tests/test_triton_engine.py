@@ -137,7 +137,7 @@ def test_matches_float64_reference_with_padding(dtype: str, mode: str, layout: s
         )
         assert eng.name == "triton" and eng.info["interpret"] is True
         assert eng.info["layout"] == layout
-        assert eng.info["kernels"] == (2 + 5 * 2 if layout == "split" else 2)
+        assert eng.info["kernels"] == (3 + 5 * 2 if layout == "split" else 2)
         _check(eng, *_inputs(eng), dtype)
 
 
@@ -224,6 +224,18 @@ VARIANTS = {
         17,
         6,
         {"block_m": 32, "hidden_chunk": 16, "num_warps": 4, "layout": "fused"},
+    ),
+    "critic-in-8-slices-tf32x3": (
+        {"critic.hidden": [128, 128], "critic.num_qs": 3},
+        17,
+        6,
+        {"critic_split": 8, "critic_precision": "tf32x3"},
+    ),
+    "critic-whole-1-head": (
+        {"critic.num_qs": 1},
+        17,
+        6,
+        {"critic_split": 1},
     ),
     "quantile-3-heads-split-options": (
         {"critic.value_loss": "quantile", "critic.tau": 0.9, "critic.num_qs": 3},
@@ -339,6 +351,10 @@ def test_unsupported_options_are_named_not_miscomputed() -> None:
         build_engine(_agent(), kind="triton", layout="tiled")
     with pytest.raises(ValueError, match="split_width"):
         build_engine(_agent(), kind="triton", split_width=48)
+    with pytest.raises(ValueError, match="critic_split must be a power of two >= 1, got 3"):
+        build_engine(_agent(), kind="triton", critic_split=3)
+    with pytest.raises(ValueError, match="critic_precision .* got 'bf16'"):
+        build_engine(_agent(), kind="triton", critic_precision="bf16")
 
 
 @needs_triton
@@ -360,7 +376,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch: pytest.MonkeyPatch,
     agent = Agent(config_from_flat({}), 17, 6)
     kernels = {
         "fused": {"decide_kernel", "select_kernel"},
-        "split": {"block_kernel", "finish_kernel", "select_kernel"},
+        "split": {"value_kernel", "block_kernel", "finish_kernel", "select_kernel"},
         "persist": {"persist_kernel"},
     }
     small = build_engine(agent, kind="triton", batch=1, samples=16, dtype="bfloat16")
@@ -465,8 +481,13 @@ def test_gpu_persist_layout_matches_split_and_reference(mode: str) -> None:
         assert_matches_reference(got, reference(persist, obs, noise), "bfloat16")
         want = split.decide_with_noise(obs, noise)
         xs, xp = split.last_candidates()[0], persist.last_candidates()[0]  # type: ignore[attr-defined]
-        assert (xs - xp).abs().max().item() <= 1e-5
-        assert (got.index == want.index).float().mean() >= 0.75
+        # Not bit for bit as in the interpreter: two different compiled kernels may order
+        # float32 sums differently, and a last-bit difference can move a bf16 rounding of
+        # an activation by one bf16 step (2**-8) before the next product.
+        diff = (xs - xp).abs().max().item()
+        assert diff <= 0.05, (batch, samples, width, diff)
+        same = (got.index == want.index).float().mean().item()
+        assert same >= 0.75, (batch, samples, width, same)
         for _ in range(300):
             a = persist.decide(obs.numpy())
             assert np.isfinite(a).all() and np.abs(a).max() <= 1.0
@@ -507,6 +528,9 @@ def test_gpu_load_weights_keeps_graph_valid() -> None:
         ({"split_width": 128, "hidden_chunk": 128, "num_warps": 8}, "bfloat16"),
         ({"num_warps": 8}, "float32"),
         ({"input_precision": "tf32"}, "float32"),
+        ({"critic_precision": "tf32x3"}, "bfloat16"),
+        ({"critic_split": 8, "split_width": 128}, "bfloat16"),
+        ({"critic_split": 1}, "float32"),
     ],
 )
 def test_gpu_kernel_options_match_reference(opts: dict, dtype: str) -> None:

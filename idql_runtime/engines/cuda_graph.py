@@ -29,6 +29,7 @@ from idql_runtime.engines.base import (
     EngineUnavailable,
     TimeShareCache,
     capture_cuda_graph,
+    pinned_decide,
 )
 
 _WARMUP_CALLS = 3
@@ -72,6 +73,11 @@ class CudaGraphEngine(Engine):
         self._graph_rng, self._out_rng = self._capture(self._body_rng, register_rng=True)
         self._graph_given: torch.cuda.CUDAGraph | None = None
         self._out_given: Tensor | None = None
+        fast = pinned_decide(
+            self._obs_host, self._obs, self._graph_rng.replay, self._out_rng,
+            self._out_host, self._cols, s.act_dim, dev,
+        )  # fmt: skip
+        self._fast_decide = (fast, (s.batch, s.obs_dim))
         self.info.update(
             precision="autocast (score network)" if self._autocast else "full",
             compile_mode=compile_mode,

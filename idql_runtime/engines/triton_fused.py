@@ -57,11 +57,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from idql_runtime.decision import Decision, DecisionNoise, DecisionOutput, DecisionSpec
-from idql_runtime.engines.base import Engine, EngineUnavailable, capture_cuda_graph, dtype_name
+from idql_runtime.engines.base import (
+    Engine,
+    EngineUnavailable,
+    capture_cuda_graph,
+    dtype_name,
+    pinned_decide,
+)
 
 _WARMUP_CALLS = 2
 LAYOUTS = ("split", "fused", "persist")
@@ -256,7 +263,11 @@ class TritonEngine(Engine):
     columns of the wide layer per inner step (64 for bf16/fp16, 32 for float32);
     ``num_warps`` (8: at v2 sizes and block_m 16, ptxas 12.8 for sm_90 reports no spills
     with 8 and spills with 4, see ``compile_for``); ``num_stages`` (Triton's default);
-    ``input_precision`` of the float32 products ("ieee" default, or "tf32").
+    ``input_precision`` of the float32 products ("ieee" default, or "tf32");
+    ``critic_split`` (split and persist layouts: work items per row tile and Q head, each
+    a slice of the critic's second layer; also the slices of V, 4) and
+    ``critic_precision`` of the critic's float32 products (default: ``input_precision``;
+    "tf32x3": three TF32 tensor-core products, near float32).
     """
 
     name = "triton"
@@ -273,6 +284,8 @@ class TritonEngine(Engine):
         num_warps: int | None = None,
         num_stages: int | None = None,
         input_precision: str = "ieee",
+        critic_split: int = 4,
+        critic_precision: str | None = None,
         **kw: Any,
     ) -> None:
         device = torch.device(kw.get("device", "cpu"))
@@ -288,6 +301,11 @@ class TritonEngine(Engine):
             )
         if input_precision not in ("ieee", "tf32"):
             raise ValueError(f"input_precision must be 'ieee' or 'tf32', got {input_precision!r}")
+        critic_precision = critic_precision or input_precision
+        if critic_precision not in ("ieee", "tf32", "tf32x3"):
+            raise ValueError(
+                f"critic_precision must be 'ieee', 'tf32' or 'tf32x3', got {critic_precision!r}"
+            )
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.interpret = self.device.type == "cpu"
@@ -312,6 +330,10 @@ class TritonEngine(Engine):
         if num_stages is not None:
             self._opts["num_stages"] = num_stages
         self._prec = input_precision
+        self._qprec = critic_precision
+        if critic_split < 1 or critic_split & (critic_split - 1):
+            raise ValueError(f"critic_split must be a power of two >= 1, got {critic_split}")
+        self._critic_split = critic_split
         self._layout_req = layout
         self._consts = self._structure()
         self.layout = layout if self._consts["NB"] > 0 else "fused"  # split needs a block
@@ -337,7 +359,9 @@ class TritonEngine(Engine):
             self._h = torch.zeros(2, c["K"], rows, c["HP"], device=dev)
             self._xs = torch.zeros(max(1, c["S"]), rows, s.act_dim, device=dev)
         self._x = torch.zeros(rows, s.act_dim, device=dev)
-        self._q = torch.zeros(rows, device=dev)
+        # Q (fused: the min over heads) or, split and persist, each head's QS parts; V's parts
+        self._q = torch.zeros(c["E"] * c["QS"] if c["ITEMS"] else 1, rows, device=dev)
+        self._vp = torch.zeros(c["VS"], s.batch, device=dev)
         self._cols = s.act_dim + 4  # action | chosen_q | value | adv_spread | index
         # The packed rows and, after them, the persistent layout's barrier-timeout flag (an
         # int32 in the last float32 slot): one device -> host copy per decision for both.
@@ -347,12 +371,14 @@ class TritonEngine(Engine):
         self._drawn: DecisionNoise | None = None
         self.info.update(
             layout=self.layout,
-            kernels={"split": 2 + c["S"] * c["NB"], "fused": 2, "persist": 1}[self.layout],
+            kernels={"split": 3 + c["S"] * c["NB"], "fused": 2, "persist": 1}[self.layout],
             block_m=self._block_m,
             split_width=self._consts["FS"] if self.layout != "fused" else None,
             hidden_chunk=self._consts["FC"],
             num_warps=num_warps,
             num_stages=num_stages,
+            critic_split=c["QS"] if c["ITEMS"] else None,
+            critic_precision=self._qprec,
             precision=(
                 f"{dtype_name(self.dtype)} score-network block products, float32 accumulate;"
                 " critic float32"
@@ -361,7 +387,10 @@ class TritonEngine(Engine):
             ),
             interpret=self.interpret,
         )
+        self._side: torch.cuda.Stream | None = None  # value_kernel's stream (split, CUDA)
         if self.device.type == "cuda":
+            if self.layout == "split":
+                self._side = torch.cuda.Stream(dev)
             self._obs = torch.zeros(s.batch, s.obs_dim, device=dev)
             self._obs_host = torch.zeros(s.batch, s.obs_dim).pin_memory()
             self._out_host_buf = torch.zeros(s.batch * self._cols + 1).pin_memory()
@@ -369,6 +398,11 @@ class TritonEngine(Engine):
             self._noise_in = DecisionNoise.draw(spec, device=dev)
             self._graph_rng = self._capture(self._body_rng, register_rng=True)
             self._graph_given: torch.cuda.CUDAGraph | None = None
+            fast = pinned_decide(
+                self._obs_host, self._obs, self._replay_rng, self._out_buf,
+                self._out_host_buf, self._cols, s.act_dim, dev, self._check_persist,
+            )  # fmt: skip
+            self._fast_decide = (fast, (s.batch, s.obs_dim))
             self.info.update(
                 rng="torch philox inside the graph (private generator)",
                 card=torch.cuda.get_device_name(dev),
@@ -460,6 +494,20 @@ class TritonEngine(Engine):
         c["QC"] = min(64, c["QP1"])
         c["VPL"] = c["VP1"] if c["VDEPTH"] == 2 else c["VP0"]
         c["VC"] = min(64, c["VP1"])
+        # The split and persist layouts' critic work items (finish_kernel): per row tile and
+        # Q head QS slices of the second layer; V in VS slices (split: value_kernel; persist:
+        # summed in the selection; fused: whole, VS = 1, in the selection).
+        c["ITEMS"] = self._layout_req != "fused" and c["NB"] > 0
+        c["QS"], c["VS"] = 1, 1
+        if c["ITEMS"]:
+            # at most width / 16 slices (tl.dot's minimum): small critics get fewer
+            qs = min(self._critic_split, c["QP1"] // 16) if c["QDEPTH"] == 2 else 1
+            vs = min(self._critic_split, c["VP1"] // 16) if c["VDEPTH"] == 2 else 1
+            c["QS"], c["VS"] = qs, vs
+            # two or more chunks per slice: with one, ptxas (sm_90) held the kernel to 32
+            # registers and spilled kBs (a one-trip loop becomes straight-line code)
+            c["QC"] = min(64, max(16, c["QP1"] // qs // 2))
+            c["VC"] = min(64, max(16, c["VP1"] // vs // 2))
         return c
 
     # ------------------------------------------------------------------ weights
@@ -587,7 +635,7 @@ class TritonEngine(Engine):
                 obs, x0, z, b["coef"],
                 b["wo"], b["bin"], b["wa"], b["ts"],
                 b["lng"], b["lnb"], b["w1"], b["b1"], b["w2"], b["b2"], b["wout"], b["bout"],
-                *critic, self._x, self._q,
+                *critic, self._x, self._q[0],
                 c["ln_eps"], rows, s.samples,
             ]  # fmt: skip
             decide_const = {k: c[k] for k in "OBS A H OP OC AP HP FP FC NB T S LN ACT CLIP".split()}
@@ -616,34 +664,20 @@ class TritonEngine(Engine):
                     ]  # fmt: skip
                     const = dict(block_const, FIRST=blk == 0, UPDATE=blk == 0 and step > 0)
                     calls.append((self._k.block_kernel, grid, args, const, self._opts))
-            finish_args = [
-                obs, x_before(steps - 1), z, b["coef"], hbuf[(steps * nb - 1) % 2],
-                b["wout"], b["bout"], *critic, self._x, self._q, rows, s.samples,
-            ]  # fmt: skip
-            finish_const = {k: c[k] for k in "OBS A OP OC AP HP T S ACT CLIP".split()}
-            # 16 rows a program whatever block_m is: the float32 critic on more rows spills
-            fm = min(bm, 16)
-            finish_const.update(critic_const, K=c["K"], BM=fm, PREC=self._prec)
-            calls.append(
-                (
-                    self._k.finish_kernel,
-                    (-(-rows // fm),),
-                    finish_args,
-                    finish_const,
-                    {"num_warps": 8},
-                )
-            )
+            calls.insert(0, self._value_call(obs))  # a branch of the graph (``_launch``)
+            calls.append(self._finish_call(obs, x_before(steps - 1), z, hbuf[(steps * nb - 1) % 2]))
         select_args = [
-            obs, u, self._x, self._q,
+            obs, u, self._x, self._q, self._vp,
             b["vlng"], b["vlnb"], b["vw0"], b["vb0"], b["vw1"], b["vb1"], b["vwl"], b["vbl"],
             self._out,
             float(self.decision.tau), float(self.decision.alpha), c["v_eps"],
             s.batch, s.samples,
         ]  # fmt: skip
         select_const = {
-            k: c[k] for k in "NP OBS OP OC A AP VP0 VP1 VPL VC VDEPTH VLN MODE VL".split()
+            k: c[k] for k in "NP OBS OP OC A AP VP0 VP1 VPL VC VDEPTH VLN MODE VL QS VS".split()
         }
-        select_const.update(BB=bb, **low)
+        items = self.layout == "split"  # Q in parts by finish_kernel, V by value_kernel
+        select_const.update(QE=c["E"] if items else 1, VLOAD=items, BB=bb, **low)
         calls.append(
             (
                 self._k.select_kernel,
@@ -654,6 +688,39 @@ class TritonEngine(Engine):
             )
         )
         return calls
+
+    def _critic_items(self) -> tuple[int, int]:
+        """(rows per work item, work items) of the split/persist critic (finish) launch."""
+        c, s = self._consts, self.spec
+        cbm = min(self._block_m, 16)  # the float32 critic on more rows spills
+        return cbm, -(-(s.batch * s.samples) // cbm) * c["QS"]
+
+    def _finish_call(
+        self, obs: Tensor, xprev: Tensor, z: Tensor, hlast: Tensor
+    ) -> tuple[Any, tuple[int, ...], list[Any], dict[str, Any], dict[str, int]]:
+        """The split layout's ``finish_kernel``: one program per critic work item."""
+        c, b, s = self._consts, self._bufs, self.spec
+        cbm, q_items = self._critic_items()
+        args = [
+            obs, xprev, z, b["coef"], hlast, b["wout"], b["bout"],
+            *(b[k] for k in "qwo qwa qb0 qw1 qb1 qwl qbl".split()), self._x, self._q,
+            s.batch * s.samples, s.samples,
+        ]  # fmt: skip
+        keys = "OBS A OP OC AP HP K T S ACT CLIP E QP0 QP1 QPL QC QDEPTH QS"
+        const = {k: c[k] for k in keys.split()}
+        const.update(CBM=cbm, QPREC=self._qprec)
+        return (self._k.finish_kernel, (q_items,), args, const, {"num_warps": 8})
+
+    def _value_call(
+        self, obs: Tensor
+    ) -> tuple[Any, tuple[int, ...], list[Any], dict[str, Any], dict[str, int]]:
+        """The split layout's ``value_kernel``: V(obs) in VS parts per tile of 16 states."""
+        c, b, s = self._consts, self._bufs, self.spec
+        args: list[Any] = [obs, *(b[k] for k in "vlng vlnb vw0 vb0 vw1 vb1 vwl vbl".split())]
+        args += [self._vp, c["v_eps"], s.batch]
+        const = {k: c[k] for k in "OBS OP OC VP0 VP1 VPL VC VDEPTH VLN VS".split()}
+        const.update(BB=16, PREC=self._qprec)
+        return (self._k.value_kernel, (-(-s.batch // 16), c["VS"]), args, const, {"num_warps": 8})
 
     def _persist_calls(
         self, obs: Tensor, z: Tensor, u: Tensor, gpu: bool
@@ -673,9 +740,10 @@ class TritonEngine(Engine):
         head += [c["ln_eps"], float(self.decision.tau), float(self.decision.alpha), c["v_eps"]]
         head += [rows, s.samples, s.batch]
         keys = (
-            "OBS A H OP OC AP HP FP FC FS K NB T S LN ACT CLIP E QP0 QP1 QPL QC QDEPTH NP VP0 VP1"
-            " VPL VC VDEPTH VLN MODE VL"
+            "OBS A H OP OC AP HP FP FC FS K NB T S LN ACT CLIP E QP0 QP1 QPL QC QDEPTH QS NP VP0"
+            " VP1 VPL VC VDEPTH VLN VS MODE VL"
         )
+        cbm, q_items = self._critic_items()
         const: dict[str, Any] = {k: c[k] for k in keys.split()}
         const.update(
             BB=16,
@@ -683,24 +751,41 @@ class TritonEngine(Engine):
             LOWP=self._lowp,
             UPCAST=self.interpret and self.dtype == torch.bfloat16,
             PREC=self._prec,
+            CBM=cbm,
+            QPREC=self._qprec,
             MAX_SPIN=_PERSIST_MAX_SPIN,
         )
         kernel = self._k.persist_kernel
         if gpu:
             full = dict(const, DO_FINISH=True, DO_SELECT=True, PERSIST=True)
-            return [(kernel, grid, [*head, 0, layers], full, self._opts)]
+            return [(kernel, grid, [*head, 0, layers, q_items], full, self._opts)]
         phase = dict(const, DO_FINISH=False, DO_SELECT=False, PERSIST=False)
         calls: list[tuple[Any, tuple[int, ...], list[Any], dict[str, Any], dict[str, int]]]
-        calls = [(kernel, grid, [*head, i, i + 1], phase, self._opts) for i in range(layers)]
+        calls = [
+            (kernel, grid, [*head, i, i + 1, q_items], phase, self._opts) for i in range(layers)
+        ]
         for flag in ("DO_FINISH", "DO_SELECT"):
-            calls.append((kernel, grid, [*head, layers, layers], {**phase, flag: True}, {}))
+            calls.append(
+                (kernel, grid, [*head, layers, layers, q_items], {**phase, flag: True}, {})
+            )
         return calls
 
     def _launch(self, obs: Tensor, x0: Tensor, z: Tensor, u: Tensor) -> None:
         if self.layout == "persist":
             self._xs[0].copy_(x0.reshape(self._xs[0].shape))  # x before step 0
             self._sync.zero_()  # barrier arrivals count from zero in every decision
+        side = self._side
         for kernel, grid, args, const, opts in self._kernel_calls(obs, x0, z, u):
+            if side is not None and kernel is self._k.value_kernel:
+                # V(obs) needs only the observation: on a second stream, so that in the
+                # graph it is a branch beside the reverse steps, joined before the selection
+                main = torch.cuda.current_stream(self.device)
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    kernel[grid](*args, **const, **opts)
+                continue
+            if side is not None and kernel is self._k.select_kernel:
+                torch.cuda.current_stream(self.device).wait_stream(side)
             kernel[grid](*args, **const, **opts)
 
     def compile_for(self, arch: int = 90) -> dict[str, dict[str, Any]]:
@@ -804,7 +889,7 @@ class TritonEngine(Engine):
         self._obs_host.copy_(obs)
         self._obs.copy_(self._obs_host, non_blocking=True)
         if noise is None:
-            self._graph_rng.replay()
+            self._replay_rng()
         else:
             for dst, src in zip(self._noise_in, noise, strict=True):
                 dst.copy_(src.to(self.device, torch.float32))
@@ -813,14 +898,24 @@ class TritonEngine(Engine):
             self._graph_given.replay()
         self._out_host_buf.copy_(self._out_buf, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
-        if self.layout == "persist" and int(self._out_host_buf[-1:].view(torch.int32)[0]):
+        self._check_persist(self._out_host_buf.numpy())
+        return self._unpack(self._out_host)
+
+    def _replay_rng(self) -> None:
+        if self._persist_failed:
+            raise RuntimeError(self._persist_failed)
+        self._graph_rng.replay()
+
+    def _check_persist(self, host: np.ndarray) -> None:
+        """The persistent layout's barrier-timeout flag: an int32 in the last float32 slot
+        of the packed output rows as they came back to the host."""
+        if self.layout == "persist" and int(host.reshape(-1)[-1:].view(np.int32)[0]):
             self._persist_failed = (
                 "the triton engine's persistent kernel timed out at a grid barrier (not "
                 "every program was resident?): its output is not valid, and this engine "
                 "refuses every later decision; rebuild with layout='split'"
             )
             raise RuntimeError(self._persist_failed)
-        return self._unpack(self._out_host)
 
     def _unpack(self, packed: Tensor) -> DecisionOutput:
         a = self.spec.act_dim
@@ -832,9 +927,20 @@ class TritonEngine(Engine):
     def last_candidates(self) -> tuple[Tensor, Tensor]:
         """CPU copies of the latest decision's candidates x (B, N, A) and their Q (B, N),
         the min over heads (what the selection saw): for parity checks of every row."""
-        s = self.spec
+        s, c = self.spec, self._consts
         x = self._x.detach().to("cpu", copy=True).view(s.batch, s.samples, s.act_dim)
-        return x, self._q.detach().to("cpu", copy=True).view(s.batch, s.samples)
+        parts = self._q.detach().to("cpu", copy=True)
+        if c["ITEMS"]:  # min over heads of each head's parts summed in the selection's order
+            heads = parts.view(c["E"], c["QS"], -1)
+            q = torch.full_like(heads[0, 0], float("inf"))
+            for e in range(c["E"]):
+                qe = heads[e, 0].clone()
+                for j in range(1, c["QS"]):
+                    qe += heads[e, j]
+                q = torch.minimum(q, qe)
+        else:
+            q = parts[0]
+        return x, q.view(s.batch, s.samples)
 
     def last_noise(self) -> DecisionNoise:
         """CPU copies of the noise drawn for the latest ``decide`` call."""

@@ -171,6 +171,25 @@ def _reverse_update(h, x, wout, bout, c_inv, c_eps, c_sig, z, AP: tl.constexpr,
 
 
 @_jit
+def _q_hidden1(obs_ptr, bidx, rmask, x, acols, q0cols, e, qwo_ptr, qwa_ptr, qb0_ptr,
+               OBS: tl.constexpr, OP: tl.constexpr, OC: tl.constexpr, AP: tl.constexpr,
+               QP0: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Q head e's first hidden layer relu(obs W_o + x W_a + b) for BM candidate rows."""
+    h1 = tl.zeros((BM, QP0), tl.float32) + tl.load(qb0_ptr + e * QP0 + q0cols)[None, :]
+    for k in range(OP // OC):
+        ocols = k * OC + tl.arange(0, OC)
+        ob = tl.load(
+            obs_ptr + bidx[:, None] * OBS + ocols[None, :],
+            mask=rmask[:, None] & (ocols < OBS)[None, :],
+            other=0.0,
+        )
+        w = tl.load(qwo_ptr + e * OP * QP0 + ocols[:, None] * QP0 + q0cols[None, :])
+        h1 = _mm(ob, w, h1, False, False, PREC)
+    qwa = tl.load(qwa_ptr + e * AP * QP0 + acols[:, None] * QP0 + q0cols[None, :])
+    return tl.maximum(_mm(x, qwa, h1, False, False, PREC), 0.0)
+
+
+@_jit
 def _critic(obs_ptr, bidx, rmask, x, acols, qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr,
             qwl_ptr, qbl_ptr, OBS: tl.constexpr, OP: tl.constexpr, OC: tl.constexpr,
             AP: tl.constexpr, E: tl.constexpr, QP0: tl.constexpr, QP1: tl.constexpr,
@@ -181,18 +200,8 @@ def _critic(obs_ptr, bidx, rmask, x, acols, qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, 
     q0cols = tl.arange(0, QP0)
     q = tl.full((BM,), float("inf"), tl.float32)
     for e in range(E):
-        h1 = tl.zeros((BM, QP0), tl.float32) + tl.load(qb0_ptr + e * QP0 + q0cols)[None, :]
-        for k in range(OP // OC):
-            ocols = k * OC + tl.arange(0, OC)
-            ob = tl.load(
-                obs_ptr + bidx[:, None] * OBS + ocols[None, :],
-                mask=rmask[:, None] & (ocols < OBS)[None, :],
-                other=0.0,
-            )
-            w = tl.load(qwo_ptr + e * OP * QP0 + ocols[:, None] * QP0 + q0cols[None, :])
-            h1 = _mm(ob, w, h1, False, False, PREC)
-        qwa = tl.load(qwa_ptr + e * AP * QP0 + acols[:, None] * QP0 + q0cols[None, :])
-        h1 = tl.maximum(_mm(x, qwa, h1, False, False, PREC), 0.0)
+        h1 = _q_hidden1(obs_ptr, bidx, rmask, x, acols, q0cols, e, qwo_ptr, qwa_ptr, qb0_ptr,
+                        OBS, OP, OC, AP, QP0, BM, PREC)  # fmt: skip
         qe = tl.zeros((BM,), tl.float32) + tl.load(qbl_ptr + e)
         if QDEPTH == 2:
             for c in range(QP1 // QC):
@@ -205,6 +214,34 @@ def _critic(obs_ptr, bidx, rmask, x, acols, qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, 
             qe += tl.sum(h1 * tl.load(qwl_ptr + e * QPL + q0cols)[None, :], axis=1)
         q = tl.minimum(q, qe)
     return q
+
+
+@_jit
+def _critic_parts(obs_ptr, bidx, rows, rmask, x, acols, qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr,
+                  qb1_ptr, qwl_ptr, qbl_ptr, qp_ptr, sl, R, OBS: tl.constexpr,
+                  OP: tl.constexpr, OC: tl.constexpr, AP: tl.constexpr, E: tl.constexpr,
+                  QP0: tl.constexpr, QP1: tl.constexpr, QPL: tl.constexpr, QC: tl.constexpr,
+                  QS: tl.constexpr, QDEPTH: tl.constexpr, BM: tl.constexpr,
+                  PREC: tl.constexpr):  # fmt: skip
+    """``_critic``'s loops on the second layer's columns [sl QP1 / QS, (sl + 1) QP1 / QS)
+    only: for every head e, that slice's share of Q_e (its output bias in slice 0) to
+    qp[e QS + sl]. The same loop structure as ``_critic``: straight-line or single-head
+    variants made ptxas (sm_90) hold the kernel to 32-128 registers and spill kBs."""
+    q0cols = tl.arange(0, QP0)
+    for e in range(E):
+        h1 = _q_hidden1(obs_ptr, bidx, rmask, x, acols, q0cols, e, qwo_ptr, qwa_ptr, qb0_ptr,
+                        OBS, OP, OC, AP, QP0, BM, PREC)  # fmt: skip
+        qe = tl.where((bidx * 0 + sl) == 0, tl.load(qbl_ptr + e), 0.0)
+        if QDEPTH == 2:
+            for c in range(QP1 // QS // QC):
+                qcols = sl * (QP1 // QS) + c * QC + tl.arange(0, QC)
+                w = tl.load(qw1_ptr + e * QP0 * QP1 + q0cols[:, None] * QP1 + qcols[None, :])
+                h2 = _mm(h1, w, tl.zeros((BM, QC), tl.float32), False, False, PREC)
+                h2 = tl.maximum(h2 + tl.load(qb1_ptr + e * QP1 + qcols)[None, :], 0.0)
+                qe += tl.sum(h2 * tl.load(qwl_ptr + e * QPL + qcols)[None, :], axis=1)
+        else:
+            qe += tl.sum(h1 * tl.load(qwl_ptr + e * QPL + q0cols)[None, :], axis=1)
+        tl.store(qp_ptr + (e * QS + sl) * R + rows, qe, mask=rmask)
 
 
 @_jit
@@ -471,16 +508,24 @@ def block_kernel(
 
 
 @_jit
-def _finish_rows(pid, obs_ptr, xprev_ptr, z_ptr, coef_ptr, pin_ptr, wout_ptr, bout_ptr,
+def _critic_item(w, obs_ptr, xprev_ptr, z_ptr, coef_ptr, pin_ptr, wout_ptr, bout_ptr,
                  qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr, x_out_ptr,
-                 q_out_ptr, R, N, OBS: tl.constexpr, A: tl.constexpr, OP: tl.constexpr,
+                 qp_ptr, R, N, OBS: tl.constexpr, A: tl.constexpr, OP: tl.constexpr,
                  OC: tl.constexpr, AP: tl.constexpr, HP: tl.constexpr, K: tl.constexpr,
                  T: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr,
                  E: tl.constexpr, QP0: tl.constexpr, QP1: tl.constexpr, QPL: tl.constexpr,
-                 QC: tl.constexpr, QDEPTH: tl.constexpr, BM: tl.constexpr,
-                 PREC: tl.constexpr):  # fmt: skip
-    """Row tile pid's last reverse-step update, final clip and critic (``finish_kernel``)."""
-    rows = pid * BM + tl.arange(0, BM)
+                 QC: tl.constexpr, QDEPTH: tl.constexpr, QS: tl.constexpr, BM: tl.constexpr,
+                 QPREC: tl.constexpr):  # fmt: skip
+    """Critic work item w = (row tile, slice sl) of ``finish_kernel``: the tile's last
+    reverse-step update and final clip (every slice of the tile computes the same x; slice
+    0 stores it), then for every head e its second layer's columns [sl QP1 / QS,
+    (sl + 1) QP1 / QS) through the output weights: a part of Q_e, to qp[e QS + sl]
+    (``_critic_parts``). Q_e = the sum of its QS parts (bias in part 0), summed by the
+    selection in a fixed order. QS items per row tile spread the float32 critic over as
+    many SMs."""
+    tile = w // QS
+    sl = w - tile * QS
+    rows = tile * BM + tl.arange(0, BM)
     rmask = rows < R
     bidx = tl.where(rmask, rows // N, 0)
     acols = tl.arange(0, AP)
@@ -494,10 +539,31 @@ def _finish_rows(pid, obs_ptr, xprev_ptr, z_ptr, coef_ptr, pin_ptr, wout_ptr, bo
     bout = tl.load(bout_ptr + acols)
     c_inv, c_eps, c_sig, z = _step_inputs(z_ptr, coef_ptr, S - 1, rows, acols, xmask, R, A, T)
     h = _sum_parts(pin_ptr, rows[:, None] * HP + hcols[None, :], rmask, R, HP, K, BM)
-    x = _reverse_update(h, x, wout, bout, c_inv, c_eps, c_sig, z, AP, BM, ACT, CLIP, PREC)
-    _candidates_out(x, obs_ptr, bidx, rows, rmask, acols, xmask, qwo_ptr, qwa_ptr, qb0_ptr,
-                    qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr, x_out_ptr, q_out_ptr, OBS, A, OP, OC,
-                    AP, E, QP0, QP1, QPL, QC, QDEPTH, BM, PREC)  # fmt: skip
+    x = _reverse_update(h, x, wout, bout, c_inv, c_eps, c_sig, z, AP, BM, ACT, CLIP, QPREC)
+    x = tl.minimum(tl.maximum(x, -1.0), 1.0)
+    lead = (rows * 0 + sl) == 0
+    tl.store(x_out_ptr + rows[:, None] * A + acols[None, :], x, mask=xmask & lead[:, None])
+    _critic_parts(obs_ptr, bidx, rows, rmask, x, acols, qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr,
+                  qb1_ptr, qwl_ptr, qbl_ptr, qp_ptr, sl, R, OBS, OP, OC, AP, E, QP0, QP1, QPL,
+                  QC, QS, QDEPTH, BM, QPREC)  # fmt: skip
+
+
+@_jit
+def _critic_items(w0, wstep, n_items, obs_ptr, xprev_ptr, z_ptr, coef_ptr, pin_ptr, wout_ptr,
+                  bout_ptr, qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr,
+                  x_out_ptr, qp_ptr, R, N, OBS: tl.constexpr, A: tl.constexpr,
+                  OP: tl.constexpr, OC: tl.constexpr, AP: tl.constexpr, HP: tl.constexpr,
+                  K: tl.constexpr, T: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr,
+                  CLIP: tl.constexpr, E: tl.constexpr, QP0: tl.constexpr, QP1: tl.constexpr,
+                  QPL: tl.constexpr, QC: tl.constexpr, QDEPTH: tl.constexpr,
+                  QS: tl.constexpr, CBM: tl.constexpr, QPREC: tl.constexpr):  # fmt: skip
+    """Critic work items w0, w0 + wstep, ... below n_items (``persist_kernel``'s finish
+    phase strides over its grid; ``finish_kernel`` runs one per program)."""
+    for w in range(w0, n_items, wstep):
+        _critic_item(w, obs_ptr, xprev_ptr, z_ptr, coef_ptr, pin_ptr, wout_ptr, bout_ptr,
+                     qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr, x_out_ptr,
+                     qp_ptr, R, N, OBS, A, OP, OC, AP, HP, K, T, S, ACT, CLIP, E, QP0, QP1, QPL,
+                     QC, QDEPTH, QS, CBM, QPREC)  # fmt: skip
 
 
 @_jit
@@ -509,7 +575,7 @@ def finish_kernel(
     pin_ptr,  # (K, R, HP) f32: the last block's output of the last step, in K parts
     wout_ptr, bout_ptr, qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr,
     x_out_ptr,  # (R, A) f32
-    q_out_ptr,  # (R,) f32
+    qp_ptr,  # (E * QS, R) f32: parts of each head's Q
     R,
     N,
     OBS: tl.constexpr,
@@ -529,31 +595,31 @@ def finish_kernel(
     QPL: tl.constexpr,
     QC: tl.constexpr,
     QDEPTH: tl.constexpr,
-    BM: tl.constexpr,
-    PREC: tl.constexpr,
+    QS: tl.constexpr,
+    CBM: tl.constexpr,
+    QPREC: tl.constexpr,
 ):  # fmt: skip
-    """The "split" layout's last launch before the selection: the last reverse step's
-    update, the final clip, and the critic on the candidates."""
-    _finish_rows(tl.program_id(0), obs_ptr, xprev_ptr, z_ptr, coef_ptr, pin_ptr, wout_ptr,
+    """The "split" layout's last launch before the selection: one (row tile, second-layer
+    slice) work item per program (``_critic_item``: the last reverse-step
+    update, the final clip, a part of each head's Q). One H200 measurement of the layout
+    before it (a program per row tile running both heads whole, V in the selection): 41 us
+    here plus 18 us of selection, of a 212 us decision."""
+    _critic_item(tl.program_id(0), obs_ptr, xprev_ptr, z_ptr, coef_ptr, pin_ptr, wout_ptr,
                  bout_ptr, qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr,
-                 x_out_ptr, q_out_ptr, R, N, OBS, A, OP, OC, AP, HP, K, T, S, ACT, CLIP, E, QP0,
-                 QP1, QPL, QC, QDEPTH, BM, PREC)  # fmt: skip
+                 x_out_ptr, qp_ptr, R, N, OBS, A, OP, OC, AP, HP, K, T, S, ACT, CLIP, E, QP0,
+                 QP1, QPL, QC, QDEPTH, QS, CBM, QPREC)  # fmt: skip
 
 
 @_jit
-def _select_tile(pid, obs_ptr, u_ptr, x_ptr, q_ptr, vlng_ptr, vlnb_ptr, vw0_ptr, vb0_ptr,
-                 vw1_ptr, vb1_ptr, vwl_ptr, vbl_ptr, out_ptr, tau, alpha, v_eps, B, N,
-                 NP: tl.constexpr, OBS: tl.constexpr, OP: tl.constexpr, OC: tl.constexpr,
-                 A: tl.constexpr, AP: tl.constexpr, VP0: tl.constexpr, VP1: tl.constexpr,
-                 VPL: tl.constexpr, VC: tl.constexpr, VDEPTH: tl.constexpr, VLN: tl.constexpr,
-                 MODE: tl.constexpr, VL: tl.constexpr, BB: tl.constexpr, LOWP: tl.constexpr,
-                 UPCAST: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """States [pid BB, (pid+1) BB): V(obs), the pick among their N candidates, the packed
-    output rows (``select_kernel``). x and Q come from other programs: L2 loads."""
-    brow = pid * BB + tl.arange(0, BB)
-    bmask = brow < B
-
-    # V(obs): [LayerNorm over the true obs width] -> Dense, ReLU (-> Dense, ReLU) -> Dense 1.
+def _value_part(obs_ptr, brow, bmask, sl, vlng_ptr, vlnb_ptr, vw0_ptr, vb0_ptr, vw1_ptr,
+                vb1_ptr, vwl_ptr, vbl_ptr, v_eps, OBS: tl.constexpr, OP: tl.constexpr,
+                OC: tl.constexpr, VP0: tl.constexpr, VSW: tl.constexpr, VP1: tl.constexpr,
+                VPL: tl.constexpr, VC: tl.constexpr, VDEPTH: tl.constexpr,
+                VLN: tl.constexpr, BB: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """V(obs) for states brow: [LayerNorm over the true obs width] -> Dense, ReLU
+    (-> Dense, ReLU) -> Dense 1; with two hidden layers only the second layer's columns
+    [sl VSW, (sl + 1) VSW) and their share of the output (the output bias in part 0): part
+    sl of V. VSW = VP1 (sl = 0) is all of V."""
     if VLN:
         ocols_all = tl.arange(0, OP)
         omask_all = ocols_all < OBS
@@ -582,24 +648,63 @@ def _select_tile(pid, obs_ptr, u_ptr, x_ptr, q_ptr, vlng_ptr, vlnb_ptr, vw0_ptr,
         w = tl.load(vw0_ptr + ocols[:, None] * VP0 + v0cols[None, :])
         h1 = _mm(ob, w, h1, False, False, PREC)
     h1 = tl.maximum(h1, 0.0)
-    v = tl.zeros((BB,), tl.float32) + tl.load(vbl_ptr)
+    v = tl.where((brow * 0 + sl) == 0, tl.load(vbl_ptr), 0.0)
     if VDEPTH == 2:
-        for c in range(VP1 // VC):
-            vcols = c * VC + tl.arange(0, VC)
+        for c in range(VSW // VC):
+            vcols = sl * VSW + c * VC + tl.arange(0, VC)
             w = tl.load(vw1_ptr + v0cols[:, None] * VP1 + vcols[None, :])
             h2 = _mm(h1, w, tl.zeros((BB, VC), tl.float32), False, False, PREC)
             h2 = tl.maximum(h2 + tl.load(vb1_ptr + vcols)[None, :], 0.0)
             v += tl.sum(h2 * tl.load(vwl_ptr + vcols)[None, :], axis=1)
     else:
         v += tl.sum(h1 * tl.load(vwl_ptr + v0cols)[None, :], axis=1)
+    return v
+
+
+@_jit
+def _select_tile(pid, obs_ptr, u_ptr, x_ptr, q_ptr, vp_ptr, vlng_ptr, vlnb_ptr, vw0_ptr,
+                 vb0_ptr, vw1_ptr, vb1_ptr, vwl_ptr, vbl_ptr, out_ptr, tau, alpha, v_eps, B,
+                 N, NP: tl.constexpr, OBS: tl.constexpr, OP: tl.constexpr, OC: tl.constexpr,
+                 A: tl.constexpr, AP: tl.constexpr, VP0: tl.constexpr, VP1: tl.constexpr,
+                 VPL: tl.constexpr, VC: tl.constexpr, VDEPTH: tl.constexpr, VLN: tl.constexpr,
+                 MODE: tl.constexpr, VL: tl.constexpr, QE: tl.constexpr, QS: tl.constexpr,
+                 VS: tl.constexpr, VLOAD: tl.constexpr, BB: tl.constexpr, LOWP: tl.constexpr,
+                 UPCAST: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """States [pid BB, (pid+1) BB): V(obs), the pick among their N candidates, the packed
+    output rows (``select_kernel``). x and Q come from other programs: L2 loads.
+
+    q_ptr: (QE * QS, B * N) parts of each head's Q: Q = min over heads of the sum of the
+    head's QS parts (in order); QE = QS = 1: Q itself. V(obs) is the sum of its VS parts
+    (in order; VS = 1: V itself): loaded from vp_ptr (VS, B) with VLOAD (``value_kernel``
+    wrote them), else computed here."""
+    brow = pid * BB + tl.arange(0, BB)
+    bmask = brow < B
+    if VLOAD:
+        v = tl.load(vp_ptr + brow, mask=bmask, other=0.0, cache_modifier=".cg")
+        for j in tl.static_range(1, VS):
+            v += tl.load(vp_ptr + j * B + brow, mask=bmask, other=0.0, cache_modifier=".cg")
+    else:
+        v = _value_part(obs_ptr, brow, bmask, 0, vlng_ptr, vlnb_ptr, vw0_ptr, vb0_ptr, vw1_ptr,
+                        vb1_ptr, vwl_ptr, vbl_ptr, v_eps, OBS, OP, OC, VP0, VP1 // VS, VP1, VPL,
+                        VC, VDEPTH, VLN, BB, PREC)  # fmt: skip
+        for j in tl.static_range(1, VS):
+            v += _value_part(obs_ptr, brow, bmask, j, vlng_ptr, vlnb_ptr, vw0_ptr, vb0_ptr,
+                             vw1_ptr, vb1_ptr, vwl_ptr, vbl_ptr, v_eps, OBS, OP, OC, VP0,
+                             VP1 // VS, VP1, VPL, VC, VDEPTH, VLN, BB, PREC)  # fmt: skip
 
     # Selection over the N candidates of each state.
     ncols = tl.arange(0, NP)
     nmask = ncols < N
     valid = bmask[:, None] & nmask[None, :]
-    q = tl.load(
-        q_ptr + brow[:, None] * N + ncols[None, :], mask=valid, other=0.0, cache_modifier=".cg"
-    )
+    qoff = brow[:, None] * N + ncols[None, :]
+    RN = B * N
+    q = tl.full((BB, NP), float("inf"), tl.float32)
+    for e in tl.static_range(QE):
+        qe = tl.load(q_ptr + e * QS * RN + qoff, mask=valid, other=0.0, cache_modifier=".cg")
+        for j in tl.static_range(1, QS):
+            qe += tl.load(q_ptr + (e * QS + j) * RN + qoff, mask=valid, other=0.0,
+                          cache_modifier=".cg")  # fmt: skip
+        q = tl.minimum(q, qe)
     qmax = tl.max(tl.where(nmask[None, :], q, float("-inf")), axis=1)
     qmin = tl.min(tl.where(nmask[None, :], q, float("inf")), axis=1)
     if MODE == 0:
@@ -652,7 +757,8 @@ def select_kernel(
     obs_ptr,  # (B, OBS) f32
     u_ptr,  # (B,) f32
     x_ptr,  # (R, A) f32: final candidates
-    q_ptr,  # (R,) f32
+    q_ptr,  # (QE * QS, R) f32: parts of each head's Q (QE = QS = 1: Q, the min over heads)
+    vp_ptr,  # (VS, B) f32: parts of V(obs) (VS > 0), else unread
     vlng_ptr,  # (OP,) f32: V's input LayerNorm (VLN)
     vlnb_ptr,  # (OP,) f32
     vw0_ptr,  # (OP, VP0) f32
@@ -681,15 +787,51 @@ def select_kernel(
     VLN: tl.constexpr,
     MODE: tl.constexpr,
     VL: tl.constexpr,
+    QE: tl.constexpr,
+    QS: tl.constexpr,
+    VS: tl.constexpr,
+    VLOAD: tl.constexpr,
     BB: tl.constexpr,
     LOWP: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    _select_tile(tl.program_id(0), obs_ptr, u_ptr, x_ptr, q_ptr, vlng_ptr, vlnb_ptr, vw0_ptr,
-                 vb0_ptr, vw1_ptr, vb1_ptr, vwl_ptr, vbl_ptr, out_ptr, tau, alpha, v_eps, B, N,
-                 NP, OBS, OP, OC, A, AP, VP0, VP1, VPL, VC, VDEPTH, VLN, MODE, VL, BB, LOWP,
-                 UPCAST, PREC)  # fmt: skip
+    _select_tile(tl.program_id(0), obs_ptr, u_ptr, x_ptr, q_ptr, vp_ptr, vlng_ptr, vlnb_ptr,
+                 vw0_ptr, vb0_ptr, vw1_ptr, vb1_ptr, vwl_ptr, vbl_ptr, out_ptr, tau, alpha,
+                 v_eps, B, N, NP, OBS, OP, OC, A, AP, VP0, VP1, VPL, VC, VDEPTH, VLN, MODE, VL,
+                 QE, QS, VS, VLOAD, BB, LOWP, UPCAST, PREC)  # fmt: skip
+
+
+@_jit
+def value_kernel(
+    obs_ptr,  # (B, OBS) f32
+    vlng_ptr, vlnb_ptr, vw0_ptr, vb0_ptr, vw1_ptr, vb1_ptr, vwl_ptr, vbl_ptr,
+    vp_ptr,  # (VS, B) f32: parts of V(obs), out
+    v_eps,
+    B,
+    OBS: tl.constexpr,
+    OP: tl.constexpr,
+    OC: tl.constexpr,
+    VP0: tl.constexpr,
+    VP1: tl.constexpr,
+    VPL: tl.constexpr,
+    VC: tl.constexpr,
+    VDEPTH: tl.constexpr,
+    VLN: tl.constexpr,
+    VS: tl.constexpr,
+    BB: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """The split layout's V(obs), program (i, sl): part sl (``_value_part``) for states
+    [i BB, (i+1) BB). It depends on the observation alone, so on a GPU it runs on a branch
+    of the graph beside the reverse steps, off the decision's critical path."""
+    brow = tl.program_id(0) * BB + tl.arange(0, BB)
+    bmask = brow < B
+    sl = tl.program_id(1)
+    v = _value_part(obs_ptr, brow, bmask, sl, vlng_ptr, vlnb_ptr, vw0_ptr, vb0_ptr, vw1_ptr,
+                    vb1_ptr, vwl_ptr, vbl_ptr, v_eps, OBS, OP, OC, VP0, VP1 // VS, VP1, VPL,
+                    VC, VDEPTH, VLN, BB, PREC)  # fmt: skip
+    tl.store(vp_ptr + sl * B + brow, v, mask=bmask)
 
 
 @_jit
@@ -723,7 +865,7 @@ def persist_kernel(
     wout_ptr, bout_ptr,
     qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr,
     x_out_ptr,  # (R, A) f32
-    q_out_ptr,  # (R,) f32
+    qp_ptr,  # (E * QS, R) f32: parts of each head's Q
     u_ptr,  # (B,) f32
     vlng_ptr, vlnb_ptr, vw0_ptr, vb0_ptr, vw1_ptr, vb1_ptr, vwl_ptr, vbl_ptr,
     out_ptr,  # (B, A + 4) f32
@@ -733,16 +875,18 @@ def persist_kernel(
     R, N, B,
     L0,  # layers [L0, L1) of S * NB (layer = step * NB + block)
     L1,
+    q_items,  # the critic's work items (``finish_kernel``)
     OBS: tl.constexpr, A: tl.constexpr, H: tl.constexpr, OP: tl.constexpr,
     OC: tl.constexpr, AP: tl.constexpr, HP: tl.constexpr, FP: tl.constexpr,
     FC: tl.constexpr, FS: tl.constexpr, K: tl.constexpr, NB: tl.constexpr, T: tl.constexpr,
     S: tl.constexpr,
     LN: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr,
     E: tl.constexpr, QP0: tl.constexpr, QP1: tl.constexpr, QPL: tl.constexpr,
-    QC: tl.constexpr, QDEPTH: tl.constexpr,
+    QC: tl.constexpr, QDEPTH: tl.constexpr, QS: tl.constexpr,
     NP: tl.constexpr, VP0: tl.constexpr, VP1: tl.constexpr, VPL: tl.constexpr,
-    VC: tl.constexpr, VDEPTH: tl.constexpr, VLN: tl.constexpr, MODE: tl.constexpr,
-    VL: tl.constexpr, BB: tl.constexpr,
+    VC: tl.constexpr, VDEPTH: tl.constexpr, VLN: tl.constexpr, VS: tl.constexpr,
+    MODE: tl.constexpr, VL: tl.constexpr, BB: tl.constexpr, CBM: tl.constexpr,
+    QPREC: tl.constexpr,
     BM: tl.constexpr, LOWP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     DO_FINISH: tl.constexpr,
     DO_SELECT: tl.constexpr,
@@ -753,9 +897,9 @@ def persist_kernel(
 
     Program (i, f) of a (row tiles) x (K slices) grid runs, for every layer (reverse step s,
     block b) in [L0, L1), what ``block_kernel`` program (i, f) does, then waits at a grid
-    barrier for every other program's part; then the row tiles' last update and critic
-    (``finish_kernel``, programs f = 0), a barrier, and the selection (``select_kernel``,
-    the first ceil(B / BB) programs). With PERSIST (the GPU) one launch covers everything;
+    barrier for every other program's part; then the last update and the critic
+    (``finish_kernel``'s work items, strided over the grid), a barrier, and the selection
+    with V (``select_kernel``, the first ceil(B / BB) programs). With PERSIST (the GPU) one launch covers everything;
     Triton's interpreter runs programs one after another, so a barrier would never open:
     there the caller launches each phase alone (PERSIST off, barriers compiled out) and the
     same code computes the same values in the same order.
@@ -780,20 +924,21 @@ def persist_kernel(
             syncs += 1
             _grid_sync(sync_ptr, syncs * nprog, err_ptr, MAX_SPIN)
     if DO_FINISH:
-        if fid == 0:
-            last = S * NB - 1
-            _finish_rows(pid, obs_ptr, xs_ptr + (S - 1) * (R * A), z_ptr, coef_ptr,
-                         hbuf_ptr + (last % 2) * (K * R * HP), wout_ptr, bout_ptr, qwo_ptr,
-                         qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr, x_out_ptr,
-                         q_out_ptr, R, N, OBS, A, OP, OC, AP, HP, K, T, S, ACT, CLIP, E, QP0,
-                         QP1, QPL, QC, QDEPTH, BM, PREC)  # fmt: skip
+        # the split layout's finish_kernel items, strided over the whole grid
+        last = S * NB - 1
+        _critic_items(pid * tl.num_programs(1) + fid, nprog, q_items, obs_ptr,
+                      xs_ptr + (S - 1) * (R * A), z_ptr, coef_ptr,
+                      hbuf_ptr + (last % 2) * (K * R * HP), wout_ptr, bout_ptr, qwo_ptr,
+                      qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr, x_out_ptr, qp_ptr,
+                      R, N, OBS, A, OP, OC, AP, HP, K, T, S, ACT, CLIP, E, QP0, QP1, QPL, QC,
+                      QDEPTH, QS, CBM, QPREC)  # fmt: skip
         if PERSIST:
             syncs += 1
             _grid_sync(sync_ptr, syncs * nprog, err_ptr, MAX_SPIN)
     if DO_SELECT:
         tile = pid * tl.num_programs(1) + fid
         if tile * BB < B:
-            _select_tile(tile, obs_ptr, u_ptr, x_out_ptr, q_out_ptr, vlng_ptr, vlnb_ptr,
+            _select_tile(tile, obs_ptr, u_ptr, x_out_ptr, qp_ptr, obs_ptr, vlng_ptr, vlnb_ptr,
                          vw0_ptr, vb0_ptr, vw1_ptr, vb1_ptr, vwl_ptr, vbl_ptr, out_ptr, tau,
                          alpha, v_eps, B, N, NP, OBS, OP, OC, A, AP, VP0, VP1, VPL, VC, VDEPTH,
-                         VLN, MODE, VL, BB, LOWP, UPCAST, PREC)  # fmt: skip
+                         VLN, MODE, VL, E, QS, VS, False, BB, LOWP, UPCAST, PREC)  # fmt: skip
