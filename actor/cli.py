@@ -157,12 +157,11 @@ def _auto_precision(
     Returns the engine and, when that is the reduced one, the float32 engine and the
     calibration states: the actor switches to float32 when an update changes the score
     network the check was run on, and re-checks the new one on the same states."""
-    from idql_runtime.engines import resolve_kind
     from idql_runtime.engines.precision import reduced_dtype_for, rollout_states, select_precision
 
     log = logging.getLogger("idql-actor")
     engine32 = build("float32")
-    reduced = reduced_dtype_for(resolve_kind(args.engine, args.device), args.device)
+    reduced = reduced_dtype_for(engine32.name, args.device)  # the kind auto built
     env_id = args.env or meta.get("env_id")
     states = None
     if reduced is not None and env_id:

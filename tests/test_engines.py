@@ -13,6 +13,7 @@ Q values are within the dtype's Q tolerance of each other (a near-tie), asserted
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -218,6 +219,46 @@ def test_auto_picks_fastest_available_and_names_it() -> None:
     eng = build_engine(_agent(), samples=8)
     assert eng.name == "cpu"
     assert eng.describe()["engine"] == "cpu"
+
+
+def test_auto_on_cuda_takes_triton_for_small_decisions_and_falls_back_when_it_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The CUDA choice as a rule, with the engines stood in for (no GPU here): triton up to
+    TRITON_AUTO_MAX_ROWS = B * N (measured faster there, slower at B = 64), cuda_graph
+    above; a triton build that fails is logged with its reason and cuda_graph is built."""
+    import idql_runtime.engines as engines
+    from idql_runtime.engines.eager import EagerEngine
+
+    have = ["eager", "cuda_graph", "compiled", "triton"]
+    monkeypatch.setattr(engines, "available_engines", lambda device="cpu": list(have))
+    monkeypatch.setattr(engines, "_cuda_ok", lambda: True)
+    limit = engines.TRITON_AUTO_MAX_ROWS
+    assert engines.auto_candidates("cuda", 128) == ["triton", "cuda_graph", "eager"]
+    assert resolve_kind("auto", "cuda", rows=limit) == "triton"
+    assert resolve_kind("auto", "cuda", rows=limit + 1) == "cuda_graph"
+    assert resolve_kind("auto", "cuda") == "cuda_graph"  # size unknown
+
+    built: list[str] = []
+
+    def factory(kind: str):
+        def make(agent, spec, **kw):
+            built.append(kind)
+            if kind == "triton":
+                raise RuntimeError("out of resources: shared memory, required: 300000")
+            return EagerEngine(agent, spec, device="cpu", seed=kw["seed"])
+
+        return make
+
+    monkeypatch.setattr(engines, "_factory", factory)
+    with caplog.at_level(logging.INFO, logger=engines.log.name):
+        eng = build_engine(_agent(), batch=1, samples=128, device="cuda")
+    assert built == ["triton", "cuda_graph"]
+    assert eng.info["auto"]["failed"][0].startswith("triton: RuntimeError: out of resources")
+    assert "triton did not build (out of resources" in caplog.text
+    built.clear()
+    build_engine(_agent(), batch=64, samples=16, device="cuda")
+    assert built == ["cuda_graph"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")

@@ -231,7 +231,7 @@ def bench_decisions(agent: Any, args: argparse.Namespace) -> tuple[list[dict[str
                     "dtype": args.dtype,
                 }
                 try:
-                    kind = resolve_kind(req, args.device)
+                    kind = resolve_kind(req, args.device, rows=b * n)
                     row["engine"] = kind
                     if kind in HEAVY_KINDS and heavy is not None and (n, b) not in heavy:
                         continue

@@ -5,8 +5,9 @@ triton).
     action = engine.decide(obs)             # (B, obs_dim) float32 -> (B, act_dim) float32
     engine.load_weights(agent.inference_state())   # swap weights between decisions
 
-``kind="auto"`` picks the fastest engine available on the device (``AUTO_ORDER``), logs
-which, and ``engine.name`` says it. Only the modules in this package know CUDA graphs or
+``kind="auto"`` picks the fastest engine available on the device for the decision's size
+(``AUTO_ORDER``; on CUDA "triton" only up to ``TRITON_AUTO_MAX_ROWS`` = B * N), builds the
+next one when a build fails, logs which, and ``engine.name`` says it. Only the modules in this package know CUDA graphs or
 TensorRT.
 """
 
@@ -32,10 +33,22 @@ KINDS = ("eager", "cpu", "cuda_graph", "compiled", "tensorrt", "triton")
 # (docs/engines.md); add it here once a GPU run shows it beats cuda_graph and passes parity.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "eager"),
-    "cuda": ("cuda_graph", "tensorrt", "eager"),
+    "cuda": ("triton", "cuda_graph", "tensorrt", "eager"),
 }
+# auto takes "triton" on CUDA only up to this many candidate rows (B * N). Measured on an
+# H200 (docs/engines.md): faster than cuda_graph at B = 1 for N = 16..256 in float32 and
+# bfloat16 (e.g. 204 vs 591 us bf16 at N = 128), slower from B * N = 1024 (B = 64: 1.9 vs
+# 1.2 ms at N = 16, 18.8 vs 4.0 ms at N = 128); between 256 and 1024 it is unmeasured.
+TRITON_AUTO_MAX_ROWS = 256
 
-__all__ = ["Engine", "EngineUnavailable", "KINDS", "available_engines", "build_engine"]
+__all__ = [
+    "Engine",
+    "EngineUnavailable",
+    "KINDS",
+    "auto_candidates",
+    "available_engines",
+    "build_engine",
+]
 
 
 def _cuda_ok() -> bool:
@@ -97,15 +110,26 @@ def _factory(kind: str) -> Callable[..., Engine]:
     raise ValueError(f"unknown engine kind {kind!r}; choose from {('auto', *KINDS)}")
 
 
-def resolve_kind(kind: str, device: str | torch.device) -> str:
-    """The concrete kind ``build_engine`` would build for ``kind`` on ``device``."""
+def auto_candidates(device: str | torch.device, rows: int | None = None) -> list[str]:
+    """The kinds ``kind="auto"`` tries on ``device``, fastest first, for ``rows`` = B * N
+    candidate rows (None: any size, so no size-dependent kind)."""
+    dev = torch.device(device)
+    have = available_engines(dev)
+    out = [k for k in AUTO_ORDER.get(dev.type, ("eager",)) if k in have]
+    if rows is None or rows > TRITON_AUTO_MAX_ROWS:
+        out = [k for k in out if k != "triton"]
+    return out
+
+
+def resolve_kind(kind: str, device: str | torch.device, rows: int | None = None) -> str:
+    """The concrete kind ``build_engine`` would build first for ``kind`` on ``device`` (for
+    auto, at ``rows`` = B * N candidate rows; ``build_engine`` falls back to the next
+    candidate when that one fails to build)."""
     dev = torch.device(device)
     if kind != "auto":
         return kind
-    have = available_engines(dev)
-    for k in AUTO_ORDER.get(dev.type, ("eager",)):
-        if k in have:
-            return k
+    for k in auto_candidates(dev, rows):
+        return k
     raise EngineUnavailable(f"no engine can run on {dev} here")
 
 
@@ -133,15 +157,35 @@ def build_engine(
     parse_dtype(dtype)
     if dev.type == "cuda" and not _cuda_ok() and kind != "tensorrt":
         raise EngineUnavailable(f"device {device!r} asked for, but torch sees no CUDA GPU here")
-    chosen = resolve_kind(kind, dev)
-    if kind == "auto":
+    spec = spec_of(agent, batch, samples, mode)
+    if kind != "auto":
+        if kind == "tensorrt" or kind == "compiled":
+            options.setdefault("cache_dir", cache_dir)
+        return _factory(kind)(agent, spec, device=dev, dtype=dtype, seed=seed, **options)
+    candidates = auto_candidates(dev, batch * samples)
+    if not candidates:
+        raise EngineUnavailable(f"no engine can run on {dev} here")
+    failed: list[str] = []
+    for chosen in candidates:
+        opts = dict(options)
+        if chosen == "tensorrt" or chosen == "compiled":
+            opts.setdefault("cache_dir", cache_dir)
+        try:
+            engine = _factory(chosen)(agent, spec, device=dev, dtype=dtype, seed=seed, **opts)
+        except Exception as e:  # noqa: BLE001 - auto: say why, then the next fastest kind
+            if chosen == candidates[-1]:
+                raise
+            failed.append(f"{chosen}: {type(e).__name__}: {str(e)[:200]}")
+            log.warning("engine auto on %s: %s did not build (%s); trying the next", dev, chosen, e)
+            continue
         log.info(
-            "engine auto on %s: picked %r (available: %s)",
+            "engine auto on %s: picked %r for B*N = %d (available: %s%s)",
             dev,
             chosen,
+            batch * samples,
             ", ".join(available_engines(dev)),
+            f"; did not build: {'; '.join(failed)}" if failed else "",
         )
-    spec = spec_of(agent, batch, samples, mode)
-    if chosen == "tensorrt" or chosen == "compiled":
-        options.setdefault("cache_dir", cache_dir)
-    return _factory(chosen)(agent, spec, device=dev, dtype=dtype, seed=seed, **options)
+        engine.info["auto"] = {"candidates": candidates, "failed": failed}
+        return engine
+    raise AssertionError("unreachable")  # the last candidate raises or returns
