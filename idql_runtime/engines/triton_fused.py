@@ -12,23 +12,28 @@ of (row tiles of BLOCK_M candidates) x (K = wide width / split_width slices): pr
 block's output; the next launch sums the K parts in a fixed order (deterministic). So one
 block's weights are spread over K programs (SMs) instead of each row tile streaming all
 of them. The first block of a step also computes the input projection, and advances x by
-the previous step's update. ``finish_kernel``: the last update, clip, and the Q ensemble.
+the previous step's update. ``finish_kernel``: one program per (row tile, slice of the
+critic's second layer): the last update, the clip, and that slice's part of every Q
+head. ``value_kernel``: V(obs) in slices, on a second stream, so that in the graph it is
+a branch beside the reverse steps. ``select_kernel``: Q = min over heads of the summed
+parts, then the pick. H200, N = 128, B = 1, bf16: 15 block launches of ~9.3 us, the
+finish ~20 us, the selection ~2 us: a 169-179 us replay, 192-202 us per ``decide``.
 
 "persist": the split layout's launches as phases of ONE launch (``persist_kernel``):
 every program of the (row tiles) x (K slices) grid runs its share of each block, then
 waits at a grid barrier (an arrival counter: one release add per program, acquire polls)
-before the next; then the finish and, after another barrier, the selection. Needs the
-whole grid resident at once (grid <= SMs: B*N = 128 at the default split width, or 256
-at split_width 128) and reduced precision (float32 spills). Under the interpreter each
-phase is its own launch (programs run one after another there, a barrier would never
-open). Written after the last device call: not yet run on a GPU.
+before the next; then the finish items and, after another barrier, the selection (which
+computes V there). Needs the whole grid resident at once (grid <= SMs: B*N = 128 at
+split_width 64, 256 at 128) and reduced precision (float32 spills). Under the
+interpreter each phase is its own launch (programs run one after another there, a
+barrier would never open). Measured on an H200: correct, but slower than split (280 vs
+179 us replay): the launches it saves cost less than its barriers and its one big
+kernel's registers. Opt-in only.
 
 "fused": ``decide_kernel``, one program per BLOCK_M rows runs everything above (the
-wide layer kept in registers chunk by chunk). Fewer launches, but B*N/16 programs each
-stream every weight: slower at B = 1 on an H200 (659 vs ~480-530 us, docs/engines.md).
-
-Both end with ``select_kernel``: V(obs), argmax or the implicit-policy draw, the gather,
-the packed output row.
+wide layer kept in registers chunk by chunk), then ``select_kernel`` with V. Fewer
+launches, but B*N/16 programs each stream every weight: slower at B = 1 on an H200
+(659 us, docs/engines.md).
 
 Weights are packed once (and on ``load_weights``, in place) into padded contiguous
 buffers; float32 runs ``tl.dot`` in IEEE float32 (``input_precision="tf32"`` is an
@@ -257,15 +262,16 @@ class TritonEngine(Engine):
     Options: ``layout`` "split" (default: one launch per reverse step and block, the wide
     layer split across programs of ``split_width`` columns, then one for the last update
     and the critic, one for the selection), "persist" (the same work in one launch with
-    grid barriers; bf16/fp16, grid <= SMs; not yet run on a GPU) or "fused" (one program
-    per row tile runs the whole decision, then the selection); ``block_m`` candidate rows per program (16:
-    larger tiles spill registers at v2 sizes); ``split_width`` (64); ``hidden_chunk``
-    columns of the wide layer per inner step (64 for bf16/fp16, 32 for float32);
+    grid barriers; bf16/fp16, grid <= SMs; measured slower than split) or "fused" (one
+    program per row tile runs the whole decision, then the selection); ``block_m``
+    candidate rows per program (16: larger tiles spill registers at v2 sizes);
+    ``split_width`` (128 for bf16, else 64); ``hidden_chunk`` columns of the wide layer
+    per inner step (64 for bf16/fp16, 32 for float32);
     ``num_warps`` (8: at v2 sizes and block_m 16, ptxas 12.8 for sm_90 reports no spills
     with 8 and spills with 4, see ``compile_for``); ``num_stages`` (Triton's default);
     ``input_precision`` of the float32 products ("ieee" default, or "tf32");
-    ``critic_split`` (split and persist layouts: work items per row tile and Q head, each
-    a slice of the critic's second layer; also the slices of V, 4) and
+    ``critic_split`` (split and persist layouts: critic work items per row tile, each a
+    slice of the critic's second layer for every Q head; also the slices of V; 4) and
     ``critic_precision`` of the critic's float32 products (default: ``input_precision``;
     "tf32x3": three TF32 tensor-core products, near float32).
     """
@@ -279,7 +285,7 @@ class TritonEngine(Engine):
         *,
         layout: str = "split",
         block_m: int | None = None,
-        split_width: int = 64,
+        split_width: int | None = None,
         hidden_chunk: int | None = None,
         num_warps: int | None = None,
         num_stages: int | None = None,
@@ -321,6 +327,11 @@ class TritonEngine(Engine):
         if block_m is None:
             block_m = 16  # larger tiles spill at v2 sizes (32: 1.3 kB bf16, 42 kB float32)
         self._block_m = _pow2_option("block_m", block_m)
+        if split_width is None:
+            # bf16: 128 measured 5% faster than 64 on an H200 in two runs (N = 128, B = 1:
+            # replay 169 vs 179 us; ptxas: no spills), precision check passed (same pick
+            # 0.97, regret p99 0.004); float32 and float16 were measured at 64 only
+            split_width = 128 if self.dtype == torch.bfloat16 else 64
         self._split = _pow2_option("split_width", split_width)
         chunk = hidden_chunk if hidden_chunk is not None else (64 if self._lowp else 32)
         self._chunk = _pow2_option("hidden_chunk", chunk)

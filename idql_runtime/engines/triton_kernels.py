@@ -1,6 +1,9 @@
-"""Triton kernels of the fused decision (``engines/triton_fused.py`` builds and launches them).
+"""Triton kernels of the decision (``engines/triton_fused.py`` builds and launches them).
 
-Two kernels make one decision:
+The "split" layout (the default) is ``value_kernel`` (V(obs), on a graph branch), one
+``block_kernel`` per reverse step and block, ``finish_kernel`` (the last update and the
+critic in (row tile, slice) work items) and ``select_kernel``; "persist" runs the same
+work in ``persist_kernel``. The "fused" layout is two kernels:
 
 ``decide_kernel``: one program per tile of BLOCK_M candidate rows (rows = B*N, each row
 one candidate of one state). Candidates are independent through the whole reverse
@@ -98,7 +101,9 @@ def _row_stats(x, cmask, WIDTH: tl.constexpr, eps):
 def _obs_share(obs_ptr, bidx, rmask, wo_ptr, bin_ptr, hcols, OBS: tl.constexpr,
                OP: tl.constexpr, OC: tl.constexpr, HP: tl.constexpr, BM: tl.constexpr,
                PREC: tl.constexpr):  # fmt: skip
-    """The observation's share of the score network's input projection, incl. its bias."""
+    """The observation's share of an input projection (the score network's; a Q head's
+    first layer), incl. its bias: obs W + b for BM rows, W (OP, HP) and b (HP,) at the
+    given pointers."""
     share = tl.zeros((BM, HP), tl.float32) + tl.load(bin_ptr + hcols)[None, :]
     for k in range(OP // OC):
         ocols = k * OC + tl.arange(0, OC)
@@ -175,16 +180,8 @@ def _q_hidden1(obs_ptr, bidx, rmask, x, acols, q0cols, e, qwo_ptr, qwa_ptr, qb0_
                OBS: tl.constexpr, OP: tl.constexpr, OC: tl.constexpr, AP: tl.constexpr,
                QP0: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """Q head e's first hidden layer relu(obs W_o + x W_a + b) for BM candidate rows."""
-    h1 = tl.zeros((BM, QP0), tl.float32) + tl.load(qb0_ptr + e * QP0 + q0cols)[None, :]
-    for k in range(OP // OC):
-        ocols = k * OC + tl.arange(0, OC)
-        ob = tl.load(
-            obs_ptr + bidx[:, None] * OBS + ocols[None, :],
-            mask=rmask[:, None] & (ocols < OBS)[None, :],
-            other=0.0,
-        )
-        w = tl.load(qwo_ptr + e * OP * QP0 + ocols[:, None] * QP0 + q0cols[None, :])
-        h1 = _mm(ob, w, h1, False, False, PREC)
+    h1 = _obs_share(obs_ptr, bidx, rmask, qwo_ptr + e * OP * QP0, qb0_ptr + e * QP0, q0cols,
+                    OBS, OP, OC, QP0, BM, PREC)  # fmt: skip
     qwa = tl.load(qwa_ptr + e * AP * QP0 + acols[:, None] * QP0 + q0cols[None, :])
     return tl.maximum(_mm(x, qwa, h1, False, False, PREC), 0.0)
 
