@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check for the engines (docs/engines.md), in priority order, each
 # stage under its own time limit so a short lease still returns the first ones:
-#   1. benchmarks/triton_sweep.py at N=128, B=1: the triton engine's layouts (persist,
-#      the one-launch layout, first: never run on a GPU yet) and options
+#   1. benchmarks/triton_sweep.py at N=128, B=1: the triton engine's layouts and options
 #      beside cuda_graph (bf16 and fp32), each with its replay time and, with CKPT and
 #      STATES set (a checkpoint dir and a .npy of observations), its precision check on
 #      trained weights against the float64 reference;
@@ -10,7 +9,7 @@
 #      graphs under torch.profiler: kernels per call, their summed device time, the top
 #      kernels (is a launch slow inside, or is the graph's per-node cost the bound?);
 #   2. the gpu-marked tests (triton's parity against float64, cuda_graph, learner step);
-#   3. idql-bench on cuda: eager vs cuda_graph and triton at every N, B (float32), learner;
+#   3. idql-bench on cuda: auto, cuda_graph and triton beside eager at every N, B (float32), learner;
 #   4. bf16 idql-bench at B=1 with torch.compile (max-autotune) if time is left.
 # Run from the repository root on a CUDA machine; results land under $OUT (9 files:
 # sweep.jsonl, profile.jsonl, pytest_gpu.log, bench/ and best/ {bench.json, latency_hist.png, table.txt}).
@@ -36,8 +35,8 @@ PY=python3
 echo "== 1. triton sweep at N=128, B=1 =="
 SWEEP="$PY benchmarks/triton_sweep.py ${CKPT:+--checkpoint $CKPT} ${STATES:+--states $STATES} --precision-states 32 --max-seconds 0.7"
 timeout 170 $SWEEP --samples 128 --batch 1 --out "$OUT/sweep.jsonl" --variants \
-  triton:bfloat16:layout=persist triton:bfloat16 cuda_graph:bfloat16 \
-  triton:bfloat16:layout=persist,split_width=128 triton:bfloat16:split_width=128 \
+  triton:bfloat16 cuda_graph:bfloat16 triton:bfloat16:split_width=64 \
+  triton:float16:split_width=128 triton:bfloat16:layout=persist \
   triton:bfloat16:layout=fused triton:float32 cuda_graph:float32 triton:float16 \
   2>&1 > /dev/null
 echo "rc=$?"
@@ -45,19 +44,17 @@ echo "rc=$?"
 echo "== 1b. kernel profile: triton and cuda_graph bf16 decisions, learner step ($(left)s left) =="
 timeout 100 $PY benchmarks/gpu_profile.py ${CKPT:+--checkpoint $CKPT} --samples 128 --batch 1 \
   --iters 20 --out "$OUT/profile.jsonl" --targets decision:triton:bfloat16 \
-  decision:cuda_graph:bfloat16 learner:cuda_graph:tf32 2>/dev/null | cut -c1-900
-# (the persist layout is one launch: its profile would show one kernel; the sweep's
-#  replay_us against the split layout's is the comparison that matters)
+  decision:cuda_graph:bfloat16 learner:compile_cuda_graph:tf32 2>/dev/null | cut -c1-900
 echo "rc=$?"
 
 echo "== 2. gpu-marked tests ($(left)s left) =="
 PER_TEST=""; $PY -c "import pytest_timeout" 2>/dev/null && PER_TEST="--timeout 120"
 timeout $(( $(left) / 2 )) $PY -m pytest -m gpu tests/test_triton_engine.py tests/test_engines.py tests/test_learner_step.py \
-  -q -rA -p no:cacheprovider $PER_TEST > "$OUT/pytest_gpu.log" 2>&1
+  -v -p no:cacheprovider $PER_TEST > "$OUT/pytest_gpu.log" 2>&1  # -v: a cut log still names each result
 echo "rc=$?"; grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/pytest_gpu.log" | tail -40
 
-echo "== 3. idql-bench on cuda: eager vs cuda_graph and triton (float32), learner ($(left)s left) =="
-timeout $(( $(left) - 60 )) $PY -m idql_runtime.cli.bench --device cuda --engines eager,cuda_graph,triton \
+echo "== 3. idql-bench on cuda: auto, cuda_graph and triton beside eager (float32), learner ($(left)s left) =="
+timeout $(( $(left) - 60 )) $PY -m idql_runtime.cli.bench --device cuda --engines auto,cuda_graph,triton \
   --samples 16,64,128,256 --batch 1,64 --iters 400 --max-seconds 1.2 \
   --learner --learner-backends cuda_graph,cuda_graph:tf32 --learner-iters 300 --out "$OUT/bench" \
   > /dev/null 2> "$OUT/bench/table.txt"
