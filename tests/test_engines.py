@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -407,6 +408,27 @@ def test_cuda_graph_in_graph_rng_draws_fresh_noise_and_decides_on_it() -> None:
     assert n1.x_init.std().item() == pytest.approx(1.0, abs=0.15)
     for out, noise in ((out1, n1), (out2, n2)):
         assert_matches_reference(out, reference(eng, obs, noise), "float32")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["cuda_graph", "triton"])
+def test_gpu_numpy_decide_is_the_decision_on_the_noise_it_drew(kind: str) -> None:
+    """decide(numpy) (the pinned-buffer path, no torch ops on the host) returns the action
+    of the same decision that decide_with_noise computes on the noise the graph drew, as a
+    fresh array, also from float64 observations; other inputs take the checked path.
+    (Written after the last device call of 2026-11-26: not yet run on a GPU.)"""
+    eng = build_engine(_agent(), kind=kind, batch=2, samples=32, device="cuda")
+    obs = np.random.default_rng(0).standard_normal((2, 17))
+    for given in (obs.astype(np.float32), obs):
+        a = eng.decide(given)
+        noise = eng.last_noise()  # type: ignore[attr-defined]
+        want = eng.decide_with_noise(obs.astype(np.float32), noise).action.numpy()
+        assert a.dtype == np.float32 and a.shape == (2, 6)
+        np.testing.assert_allclose(a, want, rtol=0, atol=1e-6)
+        b = eng.decide(given)
+        assert not np.shares_memory(a, b)
+    with pytest.raises(ValueError, match=r"obs has shape \(3, 17\)"):
+        eng.decide(np.zeros((3, 17), np.float32))
 
 
 @pytest.mark.gpu
