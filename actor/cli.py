@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["argmax", "implicit"], help="extraction (default: config)")
     p.add_argument("--samples", type=int, help="N candidates per decision (default: config)")
     p.add_argument(
-        "--engine", default="auto", help="auto, eager, cpu, compiled, cuda_graph, tensorrt"
+        "--engine",
+        default="auto",
+        help="auto (cpu on a CPU; on a GPU triton for B*N <= 256 candidates, else "
+        "cuda_graph, the next one if a build fails), eager, cpu, compiled, cuda_graph, "
+        "tensorrt, triton",
     )
     p.add_argument("--device", default="cpu", help="torch device for the engine")
     p.add_argument(
