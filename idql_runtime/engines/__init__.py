@@ -7,8 +7,8 @@ triton).
 
 ``kind="auto"`` picks the fastest engine available on the device for the decision's size
 (``AUTO_ORDER``; on CUDA "triton" only up to ``TRITON_AUTO_MAX_ROWS`` = B * N), builds the
-next one when a build fails, logs which, and ``engine.name`` says it. Only the modules in this package know CUDA graphs or
-TensorRT.
+next one when a build fails, logs which, and ``engine.name`` says it. Only the modules in
+this package know CUDA graphs or TensorRT.
 """
 
 from __future__ import annotations
@@ -158,20 +158,22 @@ def build_engine(
     if dev.type == "cuda" and not _cuda_ok() and kind != "tensorrt":
         raise EngineUnavailable(f"device {device!r} asked for, but torch sees no CUDA GPU here")
     spec = spec_of(agent, batch, samples, mode)
+
+    def make(chosen: str) -> Engine:
+        opts = dict(options)
+        if chosen == "tensorrt" or chosen == "compiled":
+            opts.setdefault("cache_dir", cache_dir)
+        return _factory(chosen)(agent, spec, device=dev, dtype=dtype, seed=seed, **opts)
+
     if kind != "auto":
-        if kind == "tensorrt" or kind == "compiled":
-            options.setdefault("cache_dir", cache_dir)
-        return _factory(kind)(agent, spec, device=dev, dtype=dtype, seed=seed, **options)
+        return make(kind)
     candidates = auto_candidates(dev, batch * samples)
     if not candidates:
         raise EngineUnavailable(f"no engine can run on {dev} here")
     failed: list[str] = []
     for chosen in candidates:
-        opts = dict(options)
-        if chosen == "tensorrt" or chosen == "compiled":
-            opts.setdefault("cache_dir", cache_dir)
         try:
-            engine = _factory(chosen)(agent, spec, device=dev, dtype=dtype, seed=seed, **opts)
+            engine = make(chosen)
         except Exception as e:  # noqa: BLE001 - auto: say why, then the next fastest kind
             if chosen == candidates[-1]:
                 raise

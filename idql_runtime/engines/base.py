@@ -321,10 +321,10 @@ def pinned_decide(
     """A graph engine's ``decide`` on numpy, with no torch op on the host but the two
     copies: obs into the pinned ``obs_host`` through its numpy view, one host -> device
     copy, ``replay()``, one device -> host copy of the packed rows ``out_dev`` (B rows of
-    ``cols`` values, the ``act_dim`` action columns first; flat buffers may hold more after
-    the B * cols) into the pinned
-    ``out_host``, a sync, and a fresh copy of the action columns. ``check`` sees the
-    host rows before that (e.g. an error flag). ``decide_full`` keeps the torch path."""
+    ``cols`` values, the ``act_dim`` action columns first; a flat buffer may hold more
+    after the B * cols) into the pinned ``out_host``, a sync, and a fresh copy of the
+    action columns. ``check`` sees the host rows first (e.g. an error flag).
+    ``decide_full`` keeps the torch path."""
     obs_np = obs_host.numpy()
     out_np = out_host.numpy()
     rows = obs_np.shape[0]

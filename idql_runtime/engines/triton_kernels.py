@@ -187,6 +187,25 @@ def _q_hidden1(obs_ptr, bidx, rmask, x, acols, q0cols, e, qwo_ptr, qwa_ptr, qb0_
 
 
 @_jit
+def _q_head_out(h1, qe, q0cols, e, c0, qw1_ptr, qb1_ptr, qwl_ptr, QP0: tl.constexpr,
+                QP1: tl.constexpr, QPL: tl.constexpr, QC: tl.constexpr, QW: tl.constexpr,
+                QDEPTH: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """qe + head e's output from its first hidden layer h1: with two hidden layers only
+    the second layer's columns [c0, c0 + QW), QC at a time, through the output weights;
+    with one, h1 through them (c0 = 0, QW = QP1)."""
+    if QDEPTH == 2:
+        for c in range(QW // QC):
+            qcols = c0 + c * QC + tl.arange(0, QC)
+            w = tl.load(qw1_ptr + e * QP0 * QP1 + q0cols[:, None] * QP1 + qcols[None, :])
+            h2 = _mm(h1, w, tl.zeros((BM, QC), tl.float32), False, False, PREC)
+            h2 = tl.maximum(h2 + tl.load(qb1_ptr + e * QP1 + qcols)[None, :], 0.0)
+            qe += tl.sum(h2 * tl.load(qwl_ptr + e * QPL + qcols)[None, :], axis=1)
+    else:
+        qe += tl.sum(h1 * tl.load(qwl_ptr + e * QPL + q0cols)[None, :], axis=1)
+    return qe
+
+
+@_jit
 def _critic(obs_ptr, bidx, rmask, x, acols, qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr,
             qwl_ptr, qbl_ptr, OBS: tl.constexpr, OP: tl.constexpr, OC: tl.constexpr,
             AP: tl.constexpr, E: tl.constexpr, QP0: tl.constexpr, QP1: tl.constexpr,
@@ -200,15 +219,8 @@ def _critic(obs_ptr, bidx, rmask, x, acols, qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, 
         h1 = _q_hidden1(obs_ptr, bidx, rmask, x, acols, q0cols, e, qwo_ptr, qwa_ptr, qb0_ptr,
                         OBS, OP, OC, AP, QP0, BM, PREC)  # fmt: skip
         qe = tl.zeros((BM,), tl.float32) + tl.load(qbl_ptr + e)
-        if QDEPTH == 2:
-            for c in range(QP1 // QC):
-                qcols = c * QC + tl.arange(0, QC)
-                w = tl.load(qw1_ptr + e * QP0 * QP1 + q0cols[:, None] * QP1 + qcols[None, :])
-                h2 = _mm(h1, w, tl.zeros((BM, QC), tl.float32), False, False, PREC)
-                h2 = tl.maximum(h2 + tl.load(qb1_ptr + e * QP1 + qcols)[None, :], 0.0)
-                qe += tl.sum(h2 * tl.load(qwl_ptr + e * QPL + qcols)[None, :], axis=1)
-        else:
-            qe += tl.sum(h1 * tl.load(qwl_ptr + e * QPL + q0cols)[None, :], axis=1)
+        qe = _q_head_out(h1, qe, q0cols, e, 0, qw1_ptr, qb1_ptr, qwl_ptr, QP0, QP1, QPL, QC,
+                         QP1, QDEPTH, BM, PREC)  # fmt: skip
         q = tl.minimum(q, qe)
     return q
 
@@ -220,24 +232,17 @@ def _critic_parts(obs_ptr, bidx, rows, rmask, x, acols, qwo_ptr, qwa_ptr, qb0_pt
                   QP0: tl.constexpr, QP1: tl.constexpr, QPL: tl.constexpr, QC: tl.constexpr,
                   QS: tl.constexpr, QDEPTH: tl.constexpr, BM: tl.constexpr,
                   PREC: tl.constexpr):  # fmt: skip
-    """``_critic``'s loops on the second layer's columns [sl QP1 / QS, (sl + 1) QP1 / QS)
-    only: for every head e, that slice's share of Q_e (its output bias in slice 0) to
-    qp[e QS + sl]. The same loop structure as ``_critic``: straight-line or single-head
+    """``_critic`` on the second layer's columns [sl QP1 / QS, (sl + 1) QP1 / QS) only:
+    for every head e, that slice's share of Q_e (its output bias in slice 0) to
+    qp[e QS + sl]. The heads stay a loop as in ``_critic``: straight-line or single-head
     variants made ptxas (sm_90) hold the kernel to 32-128 registers and spill kBs."""
     q0cols = tl.arange(0, QP0)
     for e in range(E):
         h1 = _q_hidden1(obs_ptr, bidx, rmask, x, acols, q0cols, e, qwo_ptr, qwa_ptr, qb0_ptr,
                         OBS, OP, OC, AP, QP0, BM, PREC)  # fmt: skip
         qe = tl.where((bidx * 0 + sl) == 0, tl.load(qbl_ptr + e), 0.0)
-        if QDEPTH == 2:
-            for c in range(QP1 // QS // QC):
-                qcols = sl * (QP1 // QS) + c * QC + tl.arange(0, QC)
-                w = tl.load(qw1_ptr + e * QP0 * QP1 + q0cols[:, None] * QP1 + qcols[None, :])
-                h2 = _mm(h1, w, tl.zeros((BM, QC), tl.float32), False, False, PREC)
-                h2 = tl.maximum(h2 + tl.load(qb1_ptr + e * QP1 + qcols)[None, :], 0.0)
-                qe += tl.sum(h2 * tl.load(qwl_ptr + e * QPL + qcols)[None, :], axis=1)
-        else:
-            qe += tl.sum(h1 * tl.load(qwl_ptr + e * QPL + q0cols)[None, :], axis=1)
+        qe = _q_head_out(h1, qe, q0cols, e, sl * (QP1 // QS), qw1_ptr, qb1_ptr, qwl_ptr, QP0,
+                         QP1, QPL, QC, QP1 // QS, QDEPTH, BM, PREC)  # fmt: skip
         tl.store(qp_ptr + (e * QS + sl) * R + rows, qe, mask=rmask)
 
 
