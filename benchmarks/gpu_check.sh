@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # The one prepared GPU check for the engines (docs/engines.md), in priority order, each
 # stage under its own time limit so a short lease still returns the first ones:
-#   1. benchmarks/triton_sweep.py at N=128, B=1: the triton engine's layouts and options
-#      beside cuda_graph (bf16 and fp32), each with its replay time and, with CKPT and
+#   1. benchmarks/triton_sweep.py at N=128, B=1: the triton engine's options (pdl and
+#      graph_copies, not yet measured; split_width) beside cuda_graph (bf16 and fp32),
+#      each with its replay time and, with CKPT and
 #      STATES set (a checkpoint dir and a .npy of observations), its precision check on
 #      trained weights against the float64 reference;
+#   1c. the learner iteration (batch 512, TF32) with and without overlap (the actor on a
+#      second stream, not yet measured), graph and compiled + graph;
 #   1b. benchmarks/gpu_profile.py: the same decisions and the learner step without their
 #      graphs under torch.profiler: kernels per call, their summed device time, the top
 #      kernels (is a launch slow inside, or is the graph's per-node cost the bound?);
 #   2. the gpu-marked tests (triton's parity against float64, cuda_graph, learner step);
 #   3. idql-bench on cuda: auto, cuda_graph and triton beside eager at every N, B (float32), learner;
 #   4. bf16 idql-bench at B=1 with torch.compile (max-autotune) if time is left.
-# Run from the repository root on a CUDA machine; results land under $OUT (9 files:
-# sweep.jsonl, profile.jsonl, pytest_gpu.log, bench/ and best/ {bench.json, latency_hist.png, table.txt}).
+# Run from the repository root on a CUDA machine; results land under $OUT (11 files:
+# sweep.jsonl, profile.jsonl, pytest_gpu.log, bench/ and best/ {bench.json, latency_hist.png, table.txt},
+# learner/ {bench.json, table.txt}).
 # Installs nothing.
 set -u
 export PYTHONUNBUFFERED=1
@@ -22,7 +26,7 @@ OUT="${OUT:-/tmp/idql_gpu_check}"
 BUDGET_S="${BUDGET_S:-540}"
 START=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
-mkdir -p "$OUT/bench" "$OUT/best"
+mkdir -p "$OUT/bench" "$OUT/best" "$OUT/learner"
 PY=python3
 
 {
@@ -35,11 +39,18 @@ PY=python3
 echo "== 1. triton sweep at N=128, B=1 =="
 SWEEP="$PY benchmarks/triton_sweep.py ${CKPT:+--checkpoint $CKPT} ${STATES:+--states $STATES} --precision-states 32 --max-seconds 0.7"
 timeout 170 $SWEEP --samples 128 --batch 1 --out "$OUT/sweep.jsonl" --variants \
-  triton:bfloat16 cuda_graph:bfloat16 triton:bfloat16:split_width=64 \
-  triton:float16:split_width=128 triton:bfloat16:layout=persist \
-  triton:bfloat16:layout=fused triton:float32 cuda_graph:float32 triton:float16 \
+  triton:bfloat16 triton:bfloat16:pdl=1 triton:bfloat16:graph_copies=1 \
+  triton:bfloat16:pdl=1,graph_copies=1 triton:bfloat16:pdl=1,split_width=64 \
+  triton:bfloat16:split_width=64 cuda_graph:bfloat16 triton:float32 triton:float32:pdl=1 \
+  cuda_graph:float32 \
   2>&1 > /dev/null
 echo "rc=$?"
+
+echo "== 1c. learner iteration, batch 512: one stream vs the actor on a second (overlap) ($(left)s left) =="
+timeout 150 $PY -m idql_runtime.cli.bench --device cuda --no-decisions --learner \
+  --learner-backends cuda_graph:tf32,cuda_graph:tf32:overlap,compile_cuda_graph:tf32,compile_cuda_graph:tf32:overlap \
+  --learner-iters 300 --out "$OUT/learner" > /dev/null 2> "$OUT/learner/table.txt"
+echo "rc=$?"; cat "$OUT/learner/table.txt"
 
 echo "== 1b. kernel profile: triton and cuda_graph bf16 decisions, learner step ($(left)s left) =="
 timeout 100 $PY benchmarks/gpu_profile.py ${CKPT:+--checkpoint $CKPT} --samples 128 --batch 1 \

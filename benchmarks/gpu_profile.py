@@ -17,7 +17,7 @@ one JSON line:
   decision, mean and max us.
 
 Targets (``--targets``): ``decision:KIND:DTYPE[:key=value,...]`` (engine options as in
-``idql-bench --engine-options``) and ``learner:BACKEND[:tf32]``.
+``idql-bench --engine-options``) and ``learner:BACKEND[:tf32][:overlap]``.
 
     python benchmarks/gpu_profile.py --samples 128 --batch 1 --checkpoint CKPT \\
         --targets decision:triton:bfloat16 decision:cuda_graph:bfloat16 learner:cuda_graph:tf32
@@ -103,17 +103,12 @@ def decision_body(eng: Any) -> Callable[[], Any]:
 
 def learner_body(agent: Any, backend: str, batch_size: int, seed: int) -> Callable[[], Any]:
     """One ``LearnerStep`` iteration without its graph (``_iteration`` on a fixed batch)."""
-    from idql_runtime.engines.learner_step import LearnerStep
+    from idql_runtime.engines.learner_step import LearnerStep, parse_backend_spec
 
-    name, _, prec = backend.partition(":")
+    spec = parse_backend_spec(backend)
+    name = spec.pop("backend")
     graphless = {"cuda_graph": "eager", "compile_cuda_graph": "compile"}.get(name, name)
-    step = LearnerStep(
-        agent,
-        batch_size,
-        backend=graphless,
-        seed=seed,
-        matmul_precision="high" if prec == "tf32" else "highest",
-    )
+    step = LearnerStep(agent, batch_size, backend=graphless, seed=seed, **spec)
     dev = step.device
     g = torch.Generator().manual_seed(seed)
     o, a = agent.obs_dim, agent.act_dim

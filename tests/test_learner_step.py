@@ -14,7 +14,7 @@ import torch
 
 from idql_runtime.agent import Agent
 from idql_runtime.config import Config
-from idql_runtime.engines.learner_step import METRICS, LearnerStep
+from idql_runtime.engines.learner_step import METRICS, LearnerStep, parse_backend_spec
 
 K = 3
 
@@ -58,11 +58,14 @@ def _run_both(
     rows: int = 64,
     steps: int = K,
     precision: str = "highest",
+    overlap: bool = False,
 ) -> tuple[Agent, Agent, list[dict], list[dict], LearnerStep]:
     ref, fast = _pair(cfg, device)
     batch = _batch(rows, device)
     gen = torch.Generator(device=device).manual_seed(1)
-    step = LearnerStep(fast, rows, backend=backend, seed=1, matmul_precision=precision)
+    step = LearnerStep(
+        fast, rows, backend=backend, seed=1, matmul_precision=precision, overlap=overlap
+    )
     m_ref, m_fast = [], []
     torch.manual_seed(123)  # dropout masks come from the global generator in both
     for _ in range(steps):
@@ -122,9 +125,28 @@ def test_rejects_what_it_does_not_implement() -> None:
         LearnerStep(Agent(_config(tiny=True), 17, 6), 8, backend="cuda_graph")
     with pytest.raises(ValueError, match="matmul_precision"):
         LearnerStep(Agent(_config(tiny=True), 17, 6), 8, matmul_precision="medium")
+    with pytest.raises(ValueError, match="overlap=True .* on cpu, not a CUDA device"):
+        LearnerStep(Agent(_config(tiny=True), 17, 6), 8, backend="eager", overlap=True)
+    with pytest.raises(ValueError, match="overlap must be true or false, got 'yes'"):
+        LearnerStep(Agent(_config(tiny=True), 17, 6), 8, overlap="yes")  # type: ignore[arg-type]
     step = LearnerStep(Agent(_config(tiny=True), 17, 6), 8, backend="eager")
     with pytest.raises(ValueError, match="shape"):
         step.step(_batch(9))
+
+
+def test_backend_specs_of_the_benchmarks() -> None:
+    assert parse_backend_spec("compile_cuda_graph:tf32:overlap") == {
+        "backend": "compile_cuda_graph",
+        "matmul_precision": "high",
+        "overlap": True,
+    }
+    assert parse_backend_spec("eager") == {
+        "backend": "eager",
+        "matmul_precision": "highest",
+        "overlap": False,
+    }
+    with pytest.raises(ValueError, match="unknown suffix 'fp16'"):
+        parse_backend_spec("cuda_graph:fp16")
 
 
 def test_matmul_precision_is_restored_after_each_step() -> None:
@@ -147,16 +169,28 @@ def test_compiled_step_equals_agent_update_on_cpu() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda_graph", "compile_cuda_graph"])
-def test_gpu_step_equals_agent_update(backend: str) -> None:
+@pytest.mark.parametrize(
+    "backend,overlap",
+    [
+        ("cuda_graph", False),
+        ("compile_cuda_graph", False),
+        ("cuda_graph", True),
+        ("compile_cuda_graph", True),
+        ("eager", True),
+    ],
+)
+def test_gpu_step_equals_agent_update(backend: str, overlap: bool) -> None:
     """Whole iteration in one CUDA graph (eager or compiled kernels), batch 512, 5 steps,
-    against Agent.update on the same GPU. Dropout off: inside the graph the masks are
-    drawn by the graph's philox, not in eager's order."""
+    against Agent.update on the same GPU; ``overlap``: the actor on a second stream (a
+    graph branch; the overlap rows were written without a GPU on 2026-11-26, not yet run
+    on one). Dropout off: inside the graph the masks are drawn by the graph's philox, not
+    in eager's order."""
     tiny = backend == "compile_cuda_graph"
     ref, fast, m_ref, m_fast, step = _run_both(
-        _config(tiny=tiny, dropout=0.0), backend, device="cuda", rows=512, steps=5
-    )
-    assert step.backend == backend
+        _config(tiny=tiny, dropout=0.0), backend, device="cuda", rows=512, steps=5,
+        overlap=overlap,
+    )  # fmt: skip
+    assert step.backend == backend and step.overlap == overlap
     _assert_same(ref, fast, m_ref, m_fast, atol=1e-4)
 
 

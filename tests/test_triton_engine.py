@@ -355,6 +355,12 @@ def test_unsupported_options_are_named_not_miscomputed() -> None:
         build_engine(_agent(), kind="triton", critic_split=3)
     with pytest.raises(ValueError, match="critic_precision .* got 'bf16'"):
         build_engine(_agent(), kind="triton", critic_precision="bf16")
+    with pytest.raises(ValueError, match="pdl must be true or false, got 2"):
+        build_engine(_agent(), kind="triton", pdl=2)
+    with pytest.raises(ValueError, match="graph_copies must be true or false, got 'yes'"):
+        build_engine(_agent(), kind="triton", graph_copies="yes")
+    with pytest.raises(ValueError, match="pdl=True applies to layout='split'.*'fused'"):
+        build_engine(_agent(), kind="triton", layout="fused", pdl=True)
 
 
 @needs_triton
@@ -398,6 +404,17 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch: pytest.MonkeyPatch,
             # (ptxas 12.8 and 12.9); a failed allocation would show as tens of kB
             limit = 2048 if layout == "persist" else 0
             assert k["spill_bytes"] <= limit, (dtype, layout, name, k)
+            assert k["gdc_waits"] == 0, (name, k)  # no PDL unless asked for
+    # pdl: the chained launches wait for their predecessor (griddepcontrol.wait) before
+    # the first dependent load; V and the selection are launched as before
+    for dtype in ("bfloat16", "float32"):
+        eng = build_engine(agent, kind="triton", batch=1, samples=128, dtype=dtype, pdl=True)
+        info = eng.compile_for(90)  # type: ignore[attr-defined]
+        waits = {name: k["gdc_waits"] for name, k in info.items()}
+        assert waits["block_kernel"] >= 1 and waits["finish_kernel"] >= 1, waits
+        assert waits["value_kernel"] == 0 and waits["select_kernel"] == 0, waits
+        for name, k in info.items():
+            assert k["spill_bytes"] == 0, (dtype, "pdl", name, k)
 
 
 # ---------------------------------------------------------------- GPU (compiled kernels)
@@ -531,6 +548,8 @@ def test_gpu_load_weights_keeps_graph_valid() -> None:
         ({"critic_precision": "tf32x3"}, "bfloat16"),
         ({"critic_split": 8, "split_width": 128}, "bfloat16"),
         ({"critic_split": 1}, "float32"),
+        ({"pdl": True}, "bfloat16"),
+        ({"pdl": True, "split_width": 64}, "float32"),
     ],
 )
 def test_gpu_kernel_options_match_reference(opts: dict, dtype: str) -> None:
@@ -541,3 +560,36 @@ def test_gpu_kernel_options_match_reference(opts: dict, dtype: str) -> None:
     obs, noise = _inputs(eng)
     # TF32 keeps 10 mantissa bits: checked with the bf16 tolerances.
     _check(eng, obs, noise, "bfloat16" if opts.get("input_precision") == "tf32" else dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "opts", [{"pdl": True}, {"graph_copies": True}, {"pdl": True, "graph_copies": True}]
+)
+def test_gpu_pdl_and_graph_copies_change_no_decision(opts: dict) -> None:
+    """PDL only lets launches overlap and graph_copies only moves the two copies into the
+    graph: call after call with changing observations, through decide (numpy) and
+    decide_full, the engine returns the decision the default build makes on the noise it
+    drew. graph_copies either holds or was refused, said so in info. (Written without a
+    GPU on 2026-11-26: not yet run on one.)"""
+    agent = _v2_agent()
+    base = build_engine(agent, kind="triton", batch=2, samples=64, dtype="bfloat16", device="cuda")
+    eng = build_engine(
+        agent, kind="triton", batch=2, samples=64, dtype="bfloat16", device="cuda", **opts
+    )
+    assert eng.info["pdl"] == opts.get("pdl", False)
+    if opts.get("graph_copies"):
+        assert eng.info["graph_copies"] or "graph_copies_refused" in eng.info, eng.info
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        obs = rng.standard_normal((2, 17)).astype(np.float32)
+        if i % 2:
+            got = eng.decide_full(obs)
+            want = base.decide_with_noise(obs, eng.last_noise())  # type: ignore[attr-defined]
+            assert torch.equal(got.index, want.index)
+            torch.testing.assert_close(got.action, want.action, atol=1e-6, rtol=0)
+            torch.testing.assert_close(got.value, want.value, atol=1e-6, rtol=0)
+        else:
+            a = eng.decide(obs)
+            want = base.decide_with_noise(obs, eng.last_noise())  # type: ignore[attr-defined]
+            np.testing.assert_allclose(a, want.action.numpy(), atol=1e-6, rtol=0)

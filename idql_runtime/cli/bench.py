@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--learner-backends",
         default="auto",
-        help="LearnerStep backends to time; suffix ':tf32' for TF32 matmuls (GPU)",
+        help="LearnerStep backends to time; suffix ':tf32' for TF32 matmuls (GPU), "
+        "':overlap' for the actor on a second stream (GPU)",
     )
     p.add_argument("--learner-batch", type=int, default=512, help="learner batch rows")
     p.add_argument("--learner-iters", type=int, default=50, help="timed learner iterations")
@@ -290,7 +291,7 @@ def bench_learner(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     from idql_runtime.agent import Agent
     from idql_runtime.config import Config
-    from idql_runtime.engines.learner_step import LearnerStep
+    from idql_runtime.engines.learner_step import LearnerStep, parse_backend_spec
 
     b, dev = args.learner_batch, args.device
     obs_dim, act_dim = args.obs_dim, args.act_dim
@@ -326,14 +327,12 @@ def bench_learner(args: argparse.Namespace) -> list[dict[str, Any]]:
     n_eager = max(1, n_fast // (1 if dev == "cuda" else 4))
     rows: list[dict[str, Any]] = []
     for item in [s.strip() for s in args.learner_backends.split(",") if s.strip()]:
-        backend, _, prec = item.partition(":")  # e.g. "compile_cuda_graph:tf32"
-        precision = "high" if prec == "tf32" else "highest"
-        row: dict[str, Any] = {"batch": b, "requested": item, "matmul_precision": precision}
+        row: dict[str, Any] = {"batch": b, "requested": item}
         try:
+            spec = parse_backend_spec(item)  # e.g. "compile_cuda_graph:tf32:overlap"
+            row.update(matmul_precision=spec["matmul_precision"], overlap=spec["overlap"])
             t0 = time.perf_counter()
-            step = LearnerStep(
-                make_agent(), b, backend=backend, seed=args.seed, matmul_precision=precision
-            )
+            step = LearnerStep(make_agent(), b, seed=args.seed, **spec)
             for _ in range(3):
                 step.step(batch)
             sync()
@@ -423,6 +422,7 @@ def print_table(result: dict[str, Any], *, header: bool = True, learner: bool = 
             print(f"learner {r['requested']}: error: {r['error'][:100]}", file=err)
         else:
             tag = r["backend"] + (":tf32" if r.get("matmul_precision") == "high" else "")
+            tag += ":overlap" if r.get("overlap") else ""
             print(
                 f"learner {tag:<23} batch {r['batch']}: {r['us_per_iter']:.0f} us/iter "
                 f"({r['iters_per_s']:.0f}/s) vs eager {r['eager_us_per_iter']:.0f} us/iter "

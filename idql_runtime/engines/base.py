@@ -317,6 +317,8 @@ def pinned_decide(
     act_dim: int,
     device: torch.device,
     check: Callable[[np.ndarray], None] | None = None,
+    *,
+    copies_in_graph: bool = False,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """A graph engine's ``decide`` on numpy, with no torch op on the host but the two
     copies: obs into the pinned ``obs_host`` through its numpy view, one host -> device
@@ -324,7 +326,8 @@ def pinned_decide(
     ``cols`` values, the ``act_dim`` action columns first; a flat buffer may hold more
     after the B * cols) into the pinned ``out_host``, a sync, and a fresh copy of the
     action columns. ``check`` sees the host rows first (e.g. an error flag).
-    ``decide_full`` keeps the torch path."""
+    ``decide_full`` keeps the torch path. ``copies_in_graph``: the graph itself copies
+    ``obs_host`` in and ``out_host`` out, so only the replay and the sync remain."""
     obs_np = obs_host.numpy()
     out_np = out_host.numpy()
     rows = obs_np.shape[0]
@@ -332,9 +335,11 @@ def pinned_decide(
 
     def decide(obs: np.ndarray) -> np.ndarray:
         np.copyto(obs_np, obs, casting="same_kind")
-        obs_dev.copy_(obs_host, non_blocking=True)
+        if not copies_in_graph:
+            obs_dev.copy_(obs_host, non_blocking=True)
         replay()
-        out_host.copy_(out_dev, non_blocking=True)
+        if not copies_in_graph:
+            out_host.copy_(out_dev, non_blocking=True)
         torch.cuda.current_stream(device).synchronize()
         if check is not None:
             check(out_np)

@@ -12,7 +12,11 @@ numbers drawn from the same generator in the same order) with
 - backend "compile": the three losses and the optimiser update ``torch.compile``d
   (works on the CPU too, for the offline trainer); "compile_cuda_graph" captures those
   compiled pieces in one CUDA graph;
-- backend "eager": the same functional iteration, uncompiled (the parity bridge).
+- backend "eager": the same functional iteration, uncompiled (the parity bridge);
+- ``overlap`` (CUDA): the actor's loss, gradient and AdamW + EMA update run on a second
+  stream beside V's and Q's (they share no tensor but the read-only batch), so that in
+  the graph they are two branches; the metrics join them. Off by default until measured
+  on a GPU.
 
 The diffusion loss's t and eps are drawn before the compiled/captured part, into static
 buffers, from ``generator`` exactly as ``ddpm_loss`` draws them; dropout inside the
@@ -37,6 +41,21 @@ from idql_runtime.critic import q_loss, value_loss
 METRICS = ("actor_loss", "actor_lr", "v_loss", "v_mean", "q_loss", "q_mean")
 BACKENDS = ("eager", "compile", "cuda_graph", "compile_cuda_graph")
 _BATCH_KEYS = ("obs", "action", "reward", "next_obs", "terminated")
+
+
+def parse_backend_spec(text: str) -> dict[str, Any]:
+    """``BACKEND[:tf32][:overlap]`` (idql-bench, gpu_profile) -> LearnerStep keywords."""
+    name, *flags = (part.strip() for part in text.split(":"))
+    unknown = sorted(set(flags) - {"tf32", "overlap"})
+    if unknown:
+        raise ValueError(
+            f"learner backend {text!r}: unknown suffix {unknown[0]!r} (BACKEND[:tf32][:overlap])"
+        )
+    return {
+        "backend": name,
+        "matmul_precision": "high" if "tf32" in flags else "highest",
+        "overlap": "overlap" in flags,
+    }
 
 
 # ---------------------------------------------------------------- losses (pure functions)
@@ -206,6 +225,7 @@ class LearnerStep:
         seed: int = 0,
         compile_mode: str | None = None,
         matmul_precision: str = "highest",
+        overlap: bool = False,
     ) -> None:
         cfg = agent.cfg
         if matmul_precision not in ("highest", "high"):
@@ -233,6 +253,16 @@ class LearnerStep:
                 f"backend {backend!r} needs the agent on a CUDA device, not {self.device}"
             )
         self.backend = backend
+        if overlap not in (True, False):
+            raise ValueError(f"overlap must be true or false, got {overlap!r}")
+        if overlap and self.device.type != "cuda":
+            raise ValueError(
+                f"overlap=True runs the actor on a second CUDA stream: the agent is on "
+                f"{self.device}, not a CUDA device"
+            )
+        self.overlap = bool(overlap)
+        # the actor's branch (``_iteration``); None: one stream, in Agent.update's order
+        self._branch = torch.cuda.Stream(device=self.device) if self.overlap else None
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
         self._p_actor = list(agent.score.parameters())
@@ -284,17 +314,35 @@ class LearnerStep:
         """optax cosine decay (Agent's LambdaLR) at scheduler position k."""
         return cosine_lr(k, self._base_lr, self._decay)
 
-    def _iteration(self, batch: dict[str, Tensor]) -> Tensor:
+    def _actor_part(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The actor's loss, gradient, AdamW step and EMA: (loss, learning rate at k + 1)."""
         ag, c = self.agent, self.agent.cfg
-        obs, action = batch["obs"], batch["action"]
         ag.score.train()
-        loss_a = self._actor_loss(ag.score, self._alpha_bars, obs, action, self._t, self._eps)
+        loss_a = self._actor_loss(
+            ag.score, self._alpha_bars, batch["obs"], batch["action"], self._t, self._eps
+        )
         grads = torch.autograd.grad(loss_a, self._p_actor)
         with torch.no_grad():
             lr_next = self._actor_adam(
                 self._actor, grads, self._k, self._base_lr, self._decay,
                 self._p_ema, c.train.actor_ema,
             )  # fmt: skip
+        return loss_a.detach(), lr_next
+
+    def _iteration(self, batch: dict[str, Tensor]) -> Tensor:
+        ag, c = self.agent, self.agent.cfg
+        branch = self._branch
+        if branch is None:
+            loss_a, lr_next = self._actor_part(batch)
+        else:
+            # The actor on its own stream, from the point the batch and t/eps are ready;
+            # V then Q on the calling stream at the same time; joined before the metrics.
+            main = torch.cuda.current_stream(self.device)
+            branch.wait_stream(main)
+            with torch.cuda.stream(branch):
+                loss_a, lr_next = self._actor_part(batch)
+            for t in (loss_a, lr_next):
+                t.record_stream(main)  # made on the branch, read on main after the join
 
         if self._rows is not None:
             batch = {k: v[: self._rows] for k, v in batch.items()}
@@ -325,9 +373,11 @@ class LearnerStep:
         grads = torch.autograd.grad(loss_q, self._p_q)
         with torch.no_grad():
             self._adam_ema(self._qopt, grads, self._critic_lr_t, self._p_qt, cc.target_ema)
+            if branch is not None:
+                torch.cuda.current_stream(self.device).wait_stream(branch)
             return torch.stack(
                 [
-                    loss_a.detach(),
+                    loss_a,
                     lr_next,
                     loss_v.detach(),
                     v_mean,

@@ -52,6 +52,7 @@ measured on an H200 (docs/engines.md, "The triton engine").
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import subprocess
@@ -75,6 +76,7 @@ from idql_runtime.engines.base import (
     pinned_decide,
 )
 
+log = logging.getLogger("idql_runtime.engines")
 _WARMUP_CALLS = 2
 LAYOUTS = ("split", "fused", "persist")
 _PERSIST_MAX_SPIN = 1 << 18  # polls per grid barrier before it gives up (~0.1-0.3 s)
@@ -273,7 +275,14 @@ class TritonEngine(Engine):
     ``critic_split`` (split and persist layouts: critic work items per row tile, each a
     slice of the critic's second layer for every Q head; also the slices of V; 4) and
     ``critic_precision`` of the critic's float32 products (default: ``input_precision``;
-    "tf32x3": three TF32 tensor-core products, near float32).
+    "tf32x3": three TF32 tensor-core products, near float32); ``pdl`` (split layout, CUDA
+    sm_90+: launch the block and finish kernels with programmatic dependent launch, so
+    that each one's programs start, and issue their weight loads, while the launch before
+    it still computes; off by default until measured on a GPU); ``graph_copies`` (CUDA:
+    the observation's host -> device copy and the packed rows' device -> host copy are
+    captured in the graph, so a decision is one replay and a sync; if the capture refuses
+    them, the engine captures without them and says why in ``info``; off by default
+    until measured on a GPU).
     """
 
     name = "triton"
@@ -292,6 +301,8 @@ class TritonEngine(Engine):
         input_precision: str = "ieee",
         critic_split: int = 4,
         critic_precision: str | None = None,
+        pdl: bool | int = False,
+        graph_copies: bool | int = False,
         **kw: Any,
     ) -> None:
         device = torch.device(kw.get("device", "cpu"))
@@ -345,12 +356,19 @@ class TritonEngine(Engine):
         if critic_split < 1 or critic_split & (critic_split - 1):
             raise ValueError(f"critic_split must be a power of two >= 1, got {critic_split}")
         self._critic_split = critic_split
+        for option, value in (("pdl", pdl), ("graph_copies", graph_copies)):
+            if value not in (True, False):  # 0 and 1 too (bench option strings)
+                raise ValueError(f"{option} must be true or false, got {value!r}")
+        self._pdl = bool(pdl)
+        self._graph_copies = bool(graph_copies)
         self._layout_req = layout
         self._consts = self._structure()
         self.layout = layout if self._consts["NB"] > 0 else "fused"  # split needs a block
         self._bufs: dict[str, Tensor] = {}
         self._pack()
         s, dev, c = self.spec, self.device, self._consts
+        if self._pdl:
+            self._check_pdl()
         if self.layout == "persist" and self.device.type == "cuda":
             tiles = -(-rows // self._block_m)
             grid = tiles * c["K"]
@@ -390,6 +408,7 @@ class TritonEngine(Engine):
             num_stages=num_stages,
             critic_split=c["QS"] if c["ITEMS"] else None,
             critic_precision=self._qprec,
+            pdl=self._pdl,
             precision=(
                 f"{dtype_name(self.dtype)} score-network block products, float32 accumulate;"
                 " critic float32"
@@ -399,6 +418,7 @@ class TritonEngine(Engine):
             interpret=self.interpret,
         )
         self._side: torch.cuda.Stream | None = None  # value_kernel's stream (split, CUDA)
+        self._copies_in_graph = False  # the interpreter has no graph
         if self.device.type == "cuda":
             if self.layout == "split":
                 self._side = torch.cuda.Stream(dev)
@@ -407,11 +427,27 @@ class TritonEngine(Engine):
             self._out_host_buf = torch.zeros(s.batch * self._cols + 1).pin_memory()
             self._out_host = self._out_host_buf[:-1].view(s.batch, self._cols)
             self._noise_in = DecisionNoise.draw(spec, device=dev)
-            self._graph_rng = self._capture(self._body_rng, register_rng=True)
+            self._copies_in_graph = self._graph_copies
+            try:
+                self._graph_rng = self._capture(self._body_rng, register_rng=True)
+            except Exception as e:  # noqa: BLE001 - a refused capture falls back, says why
+                if not self._copies_in_graph:
+                    raise
+                self._copies_in_graph = False
+                torch.cuda.synchronize(dev)
+                self.info["graph_copies_refused"] = f"{type(e).__name__}: {str(e)[:300]}"
+                log.warning(
+                    "triton engine: graph_copies refused by the capture (%s): the "
+                    "copies stay outside the graph",
+                    self.info["graph_copies_refused"],
+                )
+                self._graph_rng = self._capture(self._body_rng, register_rng=True)
+            self.info["graph_copies"] = self._copies_in_graph
             self._graph_given: torch.cuda.CUDAGraph | None = None
             fast = pinned_decide(
                 self._obs_host, self._obs, self._replay_rng, self._out_buf,
                 self._out_host_buf, self._cols, s.act_dim, dev, self._check_persist,
+                copies_in_graph=self._copies_in_graph,
             )  # fmt: skip
             self._fast_decide = (fast, (s.batch, s.obs_dim))
             self.info.update(
@@ -420,6 +456,34 @@ class TritonEngine(Engine):
             )
         else:
             self.info.update(rng="private generator", note="Triton interpreter: tests only")
+
+    def _check_pdl(self) -> None:
+        """Why ``pdl=True`` cannot be built here, as an error that names it."""
+        if self.layout != "split":
+            raise ValueError(
+                f"pdl=True applies to layout='split' (a chain of launches to overlap), not "
+                f"{self.layout!r}"
+            )
+        try:
+            from triton.language.extra import cuda as tl_cuda
+
+            has_gdc = hasattr(tl_cuda, "gdc_wait") and hasattr(tl_cuda, "gdc_launch_dependents")
+        except Exception:  # noqa: BLE001 - any import failure means no PDL
+            has_gdc = False
+        if not has_gdc:
+            import triton
+
+            raise EngineUnavailable(
+                "pdl=True needs Triton's tl.extra.cuda.gdc_wait (Triton >= 3.4); this is "
+                f"Triton {triton.__version__}"
+            )
+        if self.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(self.device)
+            if major < 9:
+                raise ValueError(
+                    "pdl=True needs compute capability 9.0 or newer (programmatic dependent "
+                    f"launch); {torch.cuda.get_device_name(self.device)} is {major}.{minor}"
+                )
 
     # ------------------------------------------------------------------ structure
     def _structure(self) -> dict[str, Any]:
@@ -662,7 +726,9 @@ class TritonEngine(Engine):
                 return x0 if step == 0 else xbuf[step]
 
             block_const = {k: c[k] for k in "OBS A H OP OC AP HP FP FC FS T LN ACT CLIP".split()}
-            block_const.update(K=c["K"], BM=bm, **low)
+            pdl = self._pdl and gpu  # the interpreter has no launches to overlap
+            block_const.update(K=c["K"], BM=bm, PDL=pdl, **low)
+            block_opts = dict(self._opts, launch_pdl=True) if pdl else self._opts
             weights = [b[k] for k in "wo bin wa ts lng lnb w1 b1 w2 b2 wout bout".split()]
             grid = (tiles, c["K"])
             for step in range(steps):
@@ -674,9 +740,10 @@ class TritonEngine(Engine):
                         c["ln_eps"], rows, s.samples, step, blk,
                     ]  # fmt: skip
                     const = dict(block_const, FIRST=blk == 0, UPDATE=blk == 0 and step > 0)
-                    calls.append((self._k.block_kernel, grid, args, const, self._opts))
+                    calls.append((self._k.block_kernel, grid, args, const, block_opts))
             calls.insert(0, self._value_call(obs))  # a branch of the graph (``_launch``)
-            calls.append(self._finish_call(obs, x_before(steps - 1), z, hbuf[(steps * nb - 1) % 2]))
+            hlast = hbuf[(steps * nb - 1) % 2]
+            calls.append(self._finish_call(obs, x_before(steps - 1), z, hlast, pdl=pdl))
         select_args = [
             obs, u, self._x, self._q, self._vp,
             b["vlng"], b["vlnb"], b["vw0"], b["vb0"], b["vw1"], b["vb1"], b["vwl"], b["vbl"],
@@ -707,7 +774,7 @@ class TritonEngine(Engine):
         return cbm, -(-(s.batch * s.samples) // cbm) * c["QS"]
 
     def _finish_call(
-        self, obs: Tensor, xprev: Tensor, z: Tensor, hlast: Tensor
+        self, obs: Tensor, xprev: Tensor, z: Tensor, hlast: Tensor, *, pdl: bool
     ) -> tuple[Any, tuple[int, ...], list[Any], dict[str, Any], dict[str, int]]:
         """The split layout's ``finish_kernel``: one program per critic work item."""
         c, b, s = self._consts, self._bufs, self.spec
@@ -719,8 +786,11 @@ class TritonEngine(Engine):
         ]  # fmt: skip
         keys = "OBS A OP OC AP HP K T S ACT CLIP E QP0 QP1 QPL QC QDEPTH QS"
         const = {k: c[k] for k in keys.split()}
-        const.update(CBM=cbm, QPREC=self._qprec)
-        return (self._k.finish_kernel, (q_items,), args, const, {"num_warps": 8})
+        const.update(CBM=cbm, QPREC=self._qprec, PDL=pdl)
+        opts: dict[str, int] = {"num_warps": 8}
+        if pdl:
+            opts["launch_pdl"] = True
+        return (self._k.finish_kernel, (q_items,), args, const, opts)
 
     def _value_call(
         self, obs: Tensor
@@ -803,7 +873,8 @@ class TritonEngine(Engine):
         """Compile every kernel for CUDA compute capability ``arch`` without a GPU (Triton
         brings its own ptxas): a check that the GPU build of this engine's exact kernels
         goes through. Returns per kernel (the largest of its variants) the shared memory
-        (bytes), the PTX/cubin sizes, and, from ``ptxas -v`` on the PTX, the registers per
+        (bytes), the PTX/cubin sizes, the ``griddepcontrol.wait`` instructions in the PTX
+        (``pdl``), and, from ``ptxas -v`` on the PTX, the registers per
         thread and the bytes spilled to local memory per thread (None without ptxas)."""
         import triton
         from triton.backends.compiler import GPUTarget
@@ -859,6 +930,8 @@ class TritonEngine(Engine):
                 "shared_bytes": int(compiled.metadata.shared),
                 "ptx_chars": len(compiled.asm["ptx"]),
                 "cubin_bytes": len(compiled.asm["cubin"]),
+                # programmatic dependent launch: the waits compiled in (``pdl``)
+                "gdc_waits": compiled.asm["ptx"].count("griddepcontrol.wait"),
                 **_ptxas_report(compiled.asm["ptx"], arch),
             }
             prev = out.get(kernel.__name__)
@@ -874,12 +947,20 @@ class TritonEngine(Engine):
 
     # ------------------------------------------------------------------ CUDA graph
     def _body_rng(self) -> None:
+        if self._copies_in_graph:
+            self._obs.copy_(self._obs_host, non_blocking=True)
         noise = DecisionNoise.draw(self.spec, generator=self.generator, device=self.device)
         self._drawn = noise
         self._launch(self._obs, *noise)
+        if self._copies_in_graph:
+            self._out_host_buf.copy_(self._out_buf, non_blocking=True)
 
     def _body_given(self) -> None:
+        if self._copies_in_graph:
+            self._obs.copy_(self._obs_host, non_blocking=True)
         self._launch(self._obs, *self._noise_in)
+        if self._copies_in_graph:
+            self._out_host_buf.copy_(self._out_buf, non_blocking=True)
 
     def _capture(self, body: Any, *, register_rng: bool = False) -> torch.cuda.CUDAGraph:
         # warm-up: Triton compiles (or loads its cache)
@@ -898,7 +979,8 @@ class TritonEngine(Engine):
         if self._persist_failed:
             raise RuntimeError(self._persist_failed)
         self._obs_host.copy_(obs)
-        self._obs.copy_(self._obs_host, non_blocking=True)
+        if not self._copies_in_graph:
+            self._obs.copy_(self._obs_host, non_blocking=True)
         if noise is None:
             self._replay_rng()
         else:
@@ -907,7 +989,8 @@ class TritonEngine(Engine):
             if self._graph_given is None:
                 self._graph_given = self._capture(self._body_given)
             self._graph_given.replay()
-        self._out_host_buf.copy_(self._out_buf, non_blocking=True)
+        if not self._copies_in_graph:
+            self._out_host_buf.copy_(self._out_buf, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
         self._check_persist(self._out_host_buf.numpy())
         return self._unpack(self._out_host)

@@ -118,6 +118,18 @@ def _obs_share(obs_ptr, bidx, rmask, wo_ptr, bin_ptr, hcols, OBS: tl.constexpr,
 
 
 @_jit
+def _pdl_wait(PDL: tl.constexpr):
+    """With PDL (programmatic dependent launch, sm_90+, ``launch_pdl``): wait here until
+    the previous launch has finished and its writes are visible, then let the next launch
+    start (its programs come up and issue their own weight loads while this one computes).
+    Everything before this call must not read what an earlier launch writes. Without PDL
+    nothing is emitted: the kernel is the same code as before the option existed."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@_jit
 def _block_in(h, g, bb, hmask, ln_eps, H: tl.constexpr, LN: tl.constexpr):
     """The block's input: LayerNorm(h) over the true width with gain g and bias bb (loaded
     by the caller, early), or h without LayerNorm."""
@@ -387,7 +399,8 @@ def _block_layer(pid, fid, obs_ptr, xprev_ptr, xcur_ptr, z_ptr, coef_ptr, pin_pt
                  OC: tl.constexpr, AP: tl.constexpr, HP: tl.constexpr, FP: tl.constexpr,
                  FC: tl.constexpr, FS: tl.constexpr, K: tl.constexpr, T: tl.constexpr,
                  LN: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, BM: tl.constexpr,
-                 LOWP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+                 LOWP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                 PDL: tl.constexpr):  # fmt: skip
     """Program (pid, fid)'s share of one LN-ResNet block of reverse step s (``block_kernel``
     says what); FIRST and UPDATE are constexpr there (one variant per kind of block) and
     runtime values in ``persist_kernel``. x and the parts come from other programs, so
@@ -417,6 +430,7 @@ def _block_layer(pid, fid, obs_ptr, xprev_ptr, xcur_ptr, z_ptr, coef_ptr, pin_pt
         t = tl.maximum(T - 1 - s, 0)
         ts = tl.load(ts_ptr + t * HP + hcols)
         wa = tl.load(wa_ptr + acols[:, None] * HP + hcols[None, :])
+        _pdl_wait(PDL)  # the weights above are in flight; x, z and the parts are not yet
         if UPDATE:
             x = tl.load(xprev_ptr + rows[:, None] * A + acols[None, :], mask=xmask, other=0.0,
                         cache_modifier=".cg")  # fmt: skip
@@ -440,6 +454,7 @@ def _block_layer(pid, fid, obs_ptr, xprev_ptr, xcur_ptr, z_ptr, coef_ptr, pin_pt
         h = _obs_share(obs_ptr, bidx, rmask, wo_ptr, bin_ptr, hcols, OBS, OP, OC, HP, BM, PREC)
         h = _mm(x, wa, h + ts[None, :], False, False, PREC)
     else:
+        _pdl_wait(PDL)
         h = _sum_parts(pin_ptr, tile, rmask, R, HP, K, BM)
     y = _block_in(h, g, bb, hmask, ln_eps, H, LN)
     lead = ((hcols * 0 + fid) == 0).to(tl.float32)  # h and fc2's bias: added by slice 0
@@ -490,6 +505,7 @@ def block_kernel(
     LOWP: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """One LN-ResNet block of reverse step s ("split" layout), the wide layer split across
     programs: program (i, f) takes rows [i BM, (i+1) BM) and wide columns [f FS, (f+1) FS),
@@ -506,7 +522,7 @@ def block_kernel(
                  coef_ptr, pin_ptr, pout_ptr, wo_ptr, bin_ptr, wa_ptr, ts_ptr, lng_ptr, lnb_ptr,
                  w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr, ln_eps, R, N, s, blk,
                  FIRST, UPDATE, OBS, A, H, OP, OC, AP, HP, FP, FC, FS, K, T, LN, ACT, CLIP, BM,
-                 LOWP, UPCAST, PREC)  # fmt: skip
+                 LOWP, UPCAST, PREC, PDL)  # fmt: skip
 
 
 @_jit
@@ -600,12 +616,14 @@ def finish_kernel(
     QS: tl.constexpr,
     CBM: tl.constexpr,
     QPREC: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """The "split" layout's last launch before the selection: one (row tile, second-layer
     slice) work item per program (``_critic_item``: the last reverse-step
     update, the final clip, a part of each head's Q). One H200 measurement of the layout
     before it (a program per row tile running both heads whole, V in the selection): 41 us
     here plus 18 us of selection, of a 212 us decision."""
+    _pdl_wait(PDL)
     _critic_item(tl.program_id(0), obs_ptr, xprev_ptr, z_ptr, coef_ptr, pin_ptr, wout_ptr,
                  bout_ptr, qwo_ptr, qwa_ptr, qb0_ptr, qw1_ptr, qb1_ptr, qwl_ptr, qbl_ptr,
                  x_out_ptr, qp_ptr, R, N, OBS, A, OP, OC, AP, HP, K, T, S, ACT, CLIP, E, QP0,
@@ -921,7 +939,7 @@ def persist_kernel(
                      bin_ptr, wa_ptr, ts_ptr, lng_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                      wout_ptr, bout_ptr, ln_eps, R, N, s, blk, blk == 0, (blk == 0) & (s > 0),
                      OBS, A, H, OP, OC, AP, HP, FP, FC, FS, K, T, LN, ACT, CLIP, BM, LOWP,
-                     UPCAST, PREC)  # fmt: skip
+                     UPCAST, PREC, False)  # fmt: skip
         if PERSIST:
             syncs += 1
             _grid_sync(sync_ptr, syncs * nprog, err_ptr, MAX_SPIN)
