@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check for the engines (docs/engines.md), in priority order, each
 # stage under its own time limit so a short lease still returns the first ones:
-#   1. benchmarks/triton_sweep.py at N=128, B=1: the triton engine's options (pdl and
-#      graph_copies, not yet measured; split_width) beside cuda_graph (bf16 and fp32),
+#   1. benchmarks/triton_sweep.py at N=128, B=1: the triton engine's options (pdl,
+#      prefetch and graph_copies, not yet measured; split_width) beside cuda_graph (bf16 and fp32),
 #      each with its replay time and, with CKPT and
 #      STATES set (a checkpoint dir and a .npy of observations), its precision check on
 #      trained weights against the float64 reference;
@@ -13,10 +13,11 @@
 #      kernels (is a launch slow inside, or is the graph's per-node cost the bound?);
 #   2. the gpu-marked tests (triton's parity against float64, cuda_graph, learner step);
 #   3. idql-bench on cuda: auto, cuda_graph and triton beside eager at every N, B (float32), learner;
-#   4. bf16 idql-bench at B=1 with torch.compile (max-autotune) if time is left.
-# Run from the repository root on a CUDA machine; results land under $OUT (11 files:
+#   4. bf16 idql-bench at B=1 with torch.compile (max-autotune) if time is left;
+#   5. ncu on one bf16 block_kernel (stall reasons), if ncu is installed and time is left.
+# Run from the repository root on a CUDA machine; results land under $OUT (12 files:
 # sweep.jsonl, profile.jsonl, pytest_gpu.log, bench/ and best/ {bench.json, latency_hist.png, table.txt},
-# learner/ {bench.json, table.txt}).
+# learner/ {bench.json, table.txt}, ncu_block.txt).
 # Installs nothing.
 set -u
 export PYTHONUNBUFFERED=1
@@ -38,11 +39,12 @@ PY=python3
 
 echo "== 1. triton sweep at N=128, B=1 =="
 SWEEP="$PY benchmarks/triton_sweep.py ${CKPT:+--checkpoint $CKPT} ${STATES:+--states $STATES} --precision-states 32 --max-seconds 0.7"
-timeout 170 $SWEEP --samples 128 --batch 1 --out "$OUT/sweep.jsonl" --variants \
-  triton:bfloat16 triton:bfloat16:pdl=1 triton:bfloat16:graph_copies=1 \
-  triton:bfloat16:pdl=1,graph_copies=1 triton:bfloat16:pdl=1,split_width=64 \
-  triton:bfloat16:split_width=64 cuda_graph:bfloat16 triton:float32 triton:float32:pdl=1 \
-  cuda_graph:float32 \
+timeout 200 $SWEEP --samples 128 --batch 1 --out "$OUT/sweep.jsonl" --variants \
+  triton:bfloat16 triton:bfloat16:pdl=1 triton:bfloat16:prefetch=1 \
+  triton:bfloat16:pdl=1,prefetch=1 triton:bfloat16:pdl=1,prefetch=1,graph_copies=1 \
+  triton:bfloat16:graph_copies=1 triton:bfloat16:pdl=1,split_width=64 \
+  triton:bfloat16:split_width=64 cuda_graph:bfloat16 triton:float32 \
+  triton:float32:pdl=1,prefetch=1 \
   2>&1 > /dev/null
 echo "rc=$?"
 
@@ -72,12 +74,30 @@ timeout $(( $(left) - 60 )) $PY -m idql_runtime.cli.bench --device cuda --engine
 echo "rc=$?"; cat "$OUT/bench/table.txt"
 
 echo "== 4. bf16: cuda_graph and triton at B=1, compiled (max-autotune-no-cudagraphs) at N=128 B=1; learner compiled+graph (TF32) ($(left)s left) =="
-if [ "$(left)" -gt 50 ]; then
-  timeout $(( $(left) - 5 )) $PY -m idql_runtime.cli.bench --device cuda \
+if [ "$(left)" -gt 150 ]; then  # leaves ~90 s for the ncu stage
+  timeout $(( $(left) - 95 )) $PY -m idql_runtime.cli.bench --device cuda \
     --engines cuda_graph,triton,compiled --dtype bfloat16 --samples 16,64,128,256 --batch 1 \
     --heavy-shapes 128x1 --compile-mode max-autotune-no-cudagraphs --iters 1000 --max-seconds 1.5 \
     --learner --learner-backends compile_cuda_graph:tf32 --learner-iters 300 --out "$OUT/best" \
     > /dev/null 2> "$OUT/best/table.txt"
   echo "rc=$?"; cat "$OUT/best/table.txt"
+fi
+echo "== 5. ncu: one bf16 block_kernel's stall reasons, if ncu is here ($(left)s left) =="
+if command -v ncu > /dev/null && [ "$(left)" -gt 80 ]; then
+  timeout $(( $(left) - 5 )) ncu --kernel-name regex:block_kernel --launch-skip 40 --launch-count 1 \
+    --section SpeedOfLight --section WarpStateStats --section LaunchStats --section Occupancy \
+    $PY -c "
+import numpy as np, torch
+from idql_runtime.agent import Agent
+from idql_runtime.config import Config
+from idql_runtime.engines import build_engine
+torch.manual_seed(0)
+eng = build_engine(Agent(Config(), 17, 6), kind='triton', batch=1, samples=128, dtype='bfloat16', device='cuda')
+obs = np.zeros((1, 17), np.float32)
+for _ in range(20): eng.decide(obs)
+" > "$OUT/ncu_block.txt" 2>&1
+  echo "rc=$?"; grep -E "Duration|Stall|Warp Cycles|Registers|Achieved Occupancy|Memory Throughput|Elapsed Cycles" "$OUT/ncu_block.txt" | head -30
+else
+  echo "skipped: no ncu or too little time"
 fi
 echo "done in $(( $(date +%s) - START ))s"

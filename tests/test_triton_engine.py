@@ -357,6 +357,8 @@ def test_unsupported_options_are_named_not_miscomputed() -> None:
         build_engine(_agent(), kind="triton", critic_precision="bf16")
     with pytest.raises(ValueError, match="pdl must be true or false, got 2"):
         build_engine(_agent(), kind="triton", pdl=2)
+    with pytest.raises(ValueError, match="prefetch must be true or false, got 'on'"):
+        build_engine(_agent(), kind="triton", prefetch="on")
     with pytest.raises(ValueError, match="graph_copies must be true or false, got 'yes'"):
         build_engine(_agent(), kind="triton", graph_copies="yes")
     with pytest.raises(ValueError, match="pdl=True applies to layout='split'.*'fused'"):
@@ -405,14 +407,21 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch: pytest.MonkeyPatch,
             limit = 2048 if layout == "persist" else 0
             assert k["spill_bytes"] <= limit, (dtype, layout, name, k)
             assert k["gdc_waits"] == 0, (name, k)  # no PDL unless asked for
+            assert k["l1_prefetches"] == 0, (name, k)
     # pdl: the chained launches wait for their predecessor (griddepcontrol.wait) before
-    # the first dependent load; V and the selection are launched as before
+    # the first dependent load; V and the selection are launched as before. prefetch:
+    # each block program's fc1/fc2 lines, 512 + 512 of 128 bytes (bf16, split_width 128;
+    # float32: 64 columns, 512 + 512), over 256 threads = 4 prefetches per thread
     for dtype in ("bfloat16", "float32"):
-        eng = build_engine(agent, kind="triton", batch=1, samples=128, dtype=dtype, pdl=True)
+        eng = build_engine(
+            agent, kind="triton", batch=1, samples=128, dtype=dtype, pdl=True, prefetch=True
+        )
         info = eng.compile_for(90)  # type: ignore[attr-defined]
         waits = {name: k["gdc_waits"] for name, k in info.items()}
         assert waits["block_kernel"] >= 1 and waits["finish_kernel"] >= 1, waits
         assert waits["value_kernel"] == 0 and waits["select_kernel"] == 0, waits
+        pf = {name: k["l1_prefetches"] for name, k in info.items()}
+        assert pf == {"value_kernel": 0, "block_kernel": 4, "finish_kernel": 0, "select_kernel": 0}
         for name, k in info.items():
             assert k["spill_bytes"] == 0, (dtype, "pdl", name, k)
 
@@ -550,6 +559,8 @@ def test_gpu_load_weights_keeps_graph_valid() -> None:
         ({"critic_split": 1}, "float32"),
         ({"pdl": True}, "bfloat16"),
         ({"pdl": True, "split_width": 64}, "float32"),
+        ({"prefetch": True}, "float32"),
+        ({"pdl": True, "prefetch": True}, "bfloat16"),
     ],
 )
 def test_gpu_kernel_options_match_reference(opts: dict, dtype: str) -> None:
@@ -564,11 +575,17 @@ def test_gpu_kernel_options_match_reference(opts: dict, dtype: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "opts", [{"pdl": True}, {"graph_copies": True}, {"pdl": True, "graph_copies": True}]
+    "opts",
+    [
+        {"pdl": True},
+        {"prefetch": True},
+        {"graph_copies": True},
+        {"pdl": True, "prefetch": True, "graph_copies": True},
+    ],
 )
-def test_gpu_pdl_and_graph_copies_change_no_decision(opts: dict) -> None:
-    """PDL only lets launches overlap and graph_copies only moves the two copies into the
-    graph: call after call with changing observations, through decide (numpy) and
+def test_gpu_pdl_prefetch_and_graph_copies_change_no_decision(opts: dict) -> None:
+    """PDL only lets launches overlap, prefetch only warms L1, and graph_copies only moves
+    the two copies into the graph: call after call with changing observations, through decide (numpy) and
     decide_full, the engine returns the decision the default build makes on the noise it
     drew. graph_copies either holds or was refused, said so in info. (Written without a
     GPU on 2026-11-26: not yet run on one.)"""
@@ -578,6 +595,7 @@ def test_gpu_pdl_and_graph_copies_change_no_decision(opts: dict) -> None:
         agent, kind="triton", batch=2, samples=64, dtype="bfloat16", device="cuda", **opts
     )
     assert eng.info["pdl"] == opts.get("pdl", False)
+    assert eng.info["prefetch"] == opts.get("prefetch", False)
     if opts.get("graph_copies"):
         assert eng.info["graph_copies"] or "graph_copies_refused" in eng.info, eng.info
     rng = np.random.default_rng(3)

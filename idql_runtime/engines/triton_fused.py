@@ -278,7 +278,11 @@ class TritonEngine(Engine):
     "tf32x3": three TF32 tensor-core products, near float32); ``pdl`` (split layout, CUDA
     sm_90+: launch the block and finish kernels with programmatic dependent launch, so
     that each one's programs start, and issue their weight loads, while the launch before
-    it still computes; off by default until measured on a GPU); ``graph_copies`` (CUDA:
+    it still computes; off by default until measured on a GPU); ``prefetch`` (split
+    layout on a GPU, when a block program's weights take more than one chunk, i.e.
+    ``split_width`` > ``hidden_chunk``: every line of its fc1/fc2 weights is prefetched
+    into L1 at the start, before the parts sum and, with ``pdl``, before the wait, so
+    the chunk loop does not wait on L2 chunk by chunk; off until measured); ``graph_copies`` (CUDA:
     the observation's host -> device copy and the packed rows' device -> host copy are
     captured in the graph, so a decision is one replay and a sync; if the capture refuses
     them, the engine captures without them and says why in ``info``; off by default
@@ -302,6 +306,7 @@ class TritonEngine(Engine):
         critic_split: int = 4,
         critic_precision: str | None = None,
         pdl: bool | int = False,
+        prefetch: bool | int = False,
         graph_copies: bool | int = False,
         **kw: Any,
     ) -> None:
@@ -356,10 +361,11 @@ class TritonEngine(Engine):
         if critic_split < 1 or critic_split & (critic_split - 1):
             raise ValueError(f"critic_split must be a power of two >= 1, got {critic_split}")
         self._critic_split = critic_split
-        for option, value in (("pdl", pdl), ("graph_copies", graph_copies)):
+        for option, value in (("pdl", pdl), ("prefetch", prefetch), ("graph_copies", graph_copies)):
             if value not in (True, False):  # 0 and 1 too (bench option strings)
                 raise ValueError(f"{option} must be true or false, got {value!r}")
         self._pdl = bool(pdl)
+        self._prefetch = bool(prefetch)
         self._graph_copies = bool(graph_copies)
         self._layout_req = layout
         self._consts = self._structure()
@@ -409,6 +415,7 @@ class TritonEngine(Engine):
             critic_split=c["QS"] if c["ITEMS"] else None,
             critic_precision=self._qprec,
             pdl=self._pdl,
+            prefetch=self._prefetch,
             precision=(
                 f"{dtype_name(self.dtype)} score-network block products, float32 accumulate;"
                 " critic float32"
@@ -727,7 +734,9 @@ class TritonEngine(Engine):
 
             block_const = {k: c[k] for k in "OBS A H OP OC AP HP FP FC FS T LN ACT CLIP".split()}
             pdl = self._pdl and gpu  # the interpreter has no launches to overlap
-            block_const.update(K=c["K"], BM=bm, PDL=pdl, **low)
+            line = 128 // b["w1"].element_size()  # weights per 128-byte cache line
+            prefetch = self._prefetch and gpu  # inline PTX: not in the interpreter
+            block_const.update(K=c["K"], BM=bm, PDL=pdl, PREFETCH=prefetch, LINE=line, **low)
             block_opts = dict(self._opts, launch_pdl=True) if pdl else self._opts
             weights = [b[k] for k in "wo bin wa ts lng lnb w1 b1 w2 b2 wout bout".split()]
             grid = (tiles, c["K"])
@@ -932,6 +941,7 @@ class TritonEngine(Engine):
                 "cubin_bytes": len(compiled.asm["cubin"]),
                 # programmatic dependent launch: the waits compiled in (``pdl``)
                 "gdc_waits": compiled.asm["ptx"].count("griddepcontrol.wait"),
+                "l1_prefetches": compiled.asm["ptx"].count("prefetch.global.L1"),
                 **_ptxas_report(compiled.asm["ptx"], arch),
             }
             prev = out.get(kernel.__name__)

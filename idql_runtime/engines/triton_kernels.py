@@ -130,6 +130,37 @@ def _pdl_wait(PDL: tl.constexpr):
 
 
 @_jit
+def _prefetch_l1(ptrs):
+    """``prefetch.global.L1`` of the 128-byte lines at ``ptrs`` (one pointer per line): the
+    loads that follow hit L1 instead of waiting for L2. GPU only (inline PTX); the result
+    is a dummy that keeps the instruction from being dropped."""
+    return tl.inline_asm_elementwise(
+        "prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;",
+        "=r,l",
+        [ptrs],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@_jit
+def _prefetch_block_weights(w1_ptr, w2_ptr, blk, f0, FS: tl.constexpr, HP: tl.constexpr,
+                            FP: tl.constexpr, LINE: tl.constexpr):  # fmt: skip
+    """Every 128-byte line (LINE weights) of this program's fc1 columns [f0, f0 + FS) and
+    fc2 rows [f0, f0 + FS) of block blk into L1, all in flight at once: without it the
+    chunk loop fetches each chunk's weights from L2 only when it gets there."""
+    n1: tl.constexpr = FS // LINE if FS > LINE else 1
+    r1 = tl.arange(0, HP)
+    c1 = f0 + tl.arange(0, n1) * LINE
+    _prefetch_l1(w1_ptr + blk * HP * FP + r1[:, None] * FP + c1[None, :])
+    n2: tl.constexpr = HP // LINE if HP > LINE else 1
+    r2 = f0 + tl.arange(0, FS)
+    c2 = tl.arange(0, n2) * LINE
+    _prefetch_l1(w2_ptr + blk * FP * HP + r2[:, None] * HP + c2[None, :])
+
+
+@_jit
 def _block_in(h, g, bb, hmask, ln_eps, H: tl.constexpr, LN: tl.constexpr):
     """The block's input: LayerNorm(h) over the true width with gain g and bias bb (loaded
     by the caller, early), or h without LayerNorm."""
@@ -400,7 +431,7 @@ def _block_layer(pid, fid, obs_ptr, xprev_ptr, xcur_ptr, z_ptr, coef_ptr, pin_pt
                  FC: tl.constexpr, FS: tl.constexpr, K: tl.constexpr, T: tl.constexpr,
                  LN: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, BM: tl.constexpr,
                  LOWP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                 PDL: tl.constexpr):  # fmt: skip
+                 PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr):  # fmt: skip
     """Program (pid, fid)'s share of one LN-ResNet block of reverse step s (``block_kernel``
     says what); FIRST and UPDATE are constexpr there (one variant per kind of block) and
     runtime values in ``persist_kernel``. x and the parts come from other programs, so
@@ -420,6 +451,8 @@ def _block_layer(pid, fid, obs_ptr, xprev_ptr, xcur_ptr, z_ptr, coef_ptr, pin_pt
         w1 = tl.load(w1_ptr + blk * HP * FP + hcols[:, None] * FP + fcols[None, :])
         w2 = tl.load(w2_ptr + blk * FP * HP + fcols[:, None] * HP + hcols[None, :])
         b1 = tl.load(b1_ptr + blk * FP + fcols)
+    elif PREFETCH:
+        _prefetch_block_weights(w1_ptr, w2_ptr, blk, fid * FS, FS, HP, FP, LINE)
     # Every load that does not wait on the previous block is issued before the parts sum,
     # so that those L2 round trips overlap it instead of following it.
     g = tl.load(lng_ptr + blk * HP + hcols)
@@ -506,6 +539,8 @@ def block_kernel(
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
     PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    LINE: tl.constexpr,
 ):  # fmt: skip
     """One LN-ResNet block of reverse step s ("split" layout), the wide layer split across
     programs: program (i, f) takes rows [i BM, (i+1) BM) and wide columns [f FS, (f+1) FS),
@@ -522,7 +557,7 @@ def block_kernel(
                  coef_ptr, pin_ptr, pout_ptr, wo_ptr, bin_ptr, wa_ptr, ts_ptr, lng_ptr, lnb_ptr,
                  w1_ptr, b1_ptr, w2_ptr, b2_ptr, wout_ptr, bout_ptr, ln_eps, R, N, s, blk,
                  FIRST, UPDATE, OBS, A, H, OP, OC, AP, HP, FP, FC, FS, K, T, LN, ACT, CLIP, BM,
-                 LOWP, UPCAST, PREC, PDL)  # fmt: skip
+                 LOWP, UPCAST, PREC, PDL, PREFETCH, LINE)  # fmt: skip
 
 
 @_jit
@@ -939,7 +974,7 @@ def persist_kernel(
                      bin_ptr, wa_ptr, ts_ptr, lng_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                      wout_ptr, bout_ptr, ln_eps, R, N, s, blk, blk == 0, (blk == 0) & (s > 0),
                      OBS, A, H, OP, OC, AP, HP, FP, FC, FS, K, T, LN, ACT, CLIP, BM, LOWP,
-                     UPCAST, PREC, False)  # fmt: skip
+                     UPCAST, PREC, False, False, 1)  # fmt: skip
         if PERSIST:
             syncs += 1
             _grid_sync(sync_ptr, syncs * nprog, err_ptr, MAX_SPIN)
