@@ -2,7 +2,7 @@
 # The one prepared GPU check for the engines (docs/engines.md), in priority order, each
 # stage under its own time limit so a short lease still returns the first ones:
 #   1. benchmarks/triton_sweep.py at N=128, B=1: the triton engine's options (pdl,
-#      prefetch and graph_copies, not yet measured; split_width) beside cuda_graph (bf16 and fp32),
+#      prefetch, parts_dtype and graph_copies, not yet measured; split_width) beside cuda_graph (bf16 and fp32),
 #      each with its replay time and, with CKPT and
 #      STATES set (a checkpoint dir and a .npy of observations), its precision check on
 #      trained weights against the float64 reference;
@@ -39,9 +39,11 @@ PY=python3
 
 echo "== 1. triton sweep at N=128, B=1 =="
 SWEEP="$PY benchmarks/triton_sweep.py ${CKPT:+--checkpoint $CKPT} ${STATES:+--states $STATES} --precision-states 32 --max-seconds 0.7"
-timeout 200 $SWEEP --samples 128 --batch 1 --out "$OUT/sweep.jsonl" --variants \
+timeout 230 $SWEEP --samples 128 --batch 1 --out "$OUT/sweep.jsonl" --variants \
   triton:bfloat16 triton:bfloat16:pdl=1 triton:bfloat16:prefetch=1 \
-  triton:bfloat16:pdl=1,prefetch=1 triton:bfloat16:pdl=1,prefetch=1,graph_copies=1 \
+  triton:bfloat16:pdl=1,prefetch=1 triton:bfloat16:parts_dtype=float16 \
+  triton:bfloat16:pdl=1,prefetch=1,parts_dtype=float16 \
+  triton:bfloat16:pdl=1,prefetch=1,graph_copies=1 \
   triton:bfloat16:graph_copies=1 triton:bfloat16:pdl=1,split_width=64 \
   triton:bfloat16:split_width=64 cuda_graph:bfloat16 triton:float32 \
   triton:float32:pdl=1,prefetch=1 \

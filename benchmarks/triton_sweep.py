@@ -170,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(3):
                 eng.decide(obs)
             row["build_s"] = round(time.perf_counter() - t0, 2)
-            said = ("layout", "split_width", "pdl", "graph_copies", "graph_copies_refused")
+            said = (
+                "layout", "split_width", "pdl", "prefetch", "parts_dtype", "graph_copies",
+                "graph_copies_refused",
+            )  # fmt: skip
             row["info"] = {k: eng.info[k] for k in said if k in eng.info}
             lat = host_latency(eng, obs, args.iters, args.max_seconds)
             row.update(p50_us=pct(lat, 50), p99_us=pct(lat, 99), iters=len(lat))

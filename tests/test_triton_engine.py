@@ -169,6 +169,36 @@ def test_persist_layout_is_the_split_decision_in_one_launch(dtype: str, mode: st
 
 @needs_triton
 @pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize(
+    "layout,dtype,tol",
+    [
+        ("split", "float32", "float16"),
+        ("split", "bfloat16", "bfloat16"),
+        ("persist", "bfloat16", "bfloat16"),
+    ],
+)
+def test_float16_parts_match_reference(layout: str, dtype: str, tol: str) -> None:
+    """parts_dtype='float16': each block's output parts are stored in float16 (half the
+    parts traffic; h rounded to 11 significant bits at block boundaries). Every candidate
+    and Q still match the float64 reference, float32 weights within the float16
+    tolerances; and the candidates move from the float32-parts decision by no more than
+    that rounding can explain."""
+    agent = _agent()
+    opts = dict(batch=3, samples=10, dtype=dtype, layout=layout, split_width=32, hidden_chunk=32)
+    eng = build_engine(agent, kind="triton", parts_dtype="float16", **opts)
+    assert eng._h.dtype == torch.float16 and eng.info["parts_dtype"] == "float16"  # type: ignore[attr-defined]
+    obs, noise = _inputs(eng)
+    _check(eng, obs, noise, tol)
+    f32 = build_engine(agent, kind="triton", **opts)
+    f32.decide_with_noise(obs, noise)
+    x16, _ = eng.last_candidates()  # type: ignore[attr-defined]
+    x32, _ = f32.last_candidates()  # type: ignore[attr-defined]
+    diff = (x16 - x32).abs().max().item()
+    assert 0 < diff <= TOL["float16"][0], diff  # rounded (not a no-op), and only that
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
 def test_persist_layout_refuses_float32_and_says_why() -> None:
     with pytest.raises(ValueError, match="layout='persist' runs bfloat16 or float16"):
         build_engine(_agent(), kind="triton", layout="persist", dtype="float32")
@@ -357,6 +387,10 @@ def test_unsupported_options_are_named_not_miscomputed() -> None:
         build_engine(_agent(), kind="triton", critic_precision="bf16")
     with pytest.raises(ValueError, match="pdl must be true or false, got 2"):
         build_engine(_agent(), kind="triton", pdl=2)
+    with pytest.raises(
+        ValueError, match="parts_dtype must be 'float32' or 'float16', got 'bfloat16'"
+    ):
+        build_engine(_agent(), kind="triton", parts_dtype="bfloat16")
     with pytest.raises(ValueError, match="prefetch must be true or false, got 'on'"):
         build_engine(_agent(), kind="triton", prefetch="on")
     with pytest.raises(ValueError, match="graph_copies must be true or false, got 'yes'"):
@@ -561,6 +595,8 @@ def test_gpu_load_weights_keeps_graph_valid() -> None:
         ({"pdl": True, "split_width": 64}, "float32"),
         ({"prefetch": True}, "float32"),
         ({"pdl": True, "prefetch": True}, "bfloat16"),
+        ({"parts_dtype": "float16"}, "bfloat16"),
+        ({"parts_dtype": "float16", "layout": "persist"}, "bfloat16"),
     ],
 )
 def test_gpu_kernel_options_match_reference(opts: dict, dtype: str) -> None:

@@ -282,7 +282,10 @@ class TritonEngine(Engine):
     layout on a GPU, when a block program's weights take more than one chunk, i.e.
     ``split_width`` > ``hidden_chunk``: every line of its fc1/fc2 weights is prefetched
     into L1 at the start, before the parts sum and, with ``pdl``, before the wait, so
-    the chunk loop does not wait on L2 chunk by chunk; off until measured); ``graph_copies`` (CUDA:
+    the chunk loop does not wait on L2 chunk by chunk; off until measured);
+    ``parts_dtype`` (split and persist: "float32", or "float16" for half the parts
+    traffic, h rounded to float16 between blocks; checked in the interpreter, not yet
+    measured on a GPU); ``graph_copies`` (CUDA:
     the observation's host -> device copy and the packed rows' device -> host copy are
     captured in the graph, so a decision is one replay and a sync; if the capture refuses
     them, the engine captures without them and says why in ``info``; off by default
@@ -308,6 +311,7 @@ class TritonEngine(Engine):
         pdl: bool | int = False,
         prefetch: bool | int = False,
         graph_copies: bool | int = False,
+        parts_dtype: str = "float32",
         **kw: Any,
     ) -> None:
         device = torch.device(kw.get("device", "cpu"))
@@ -366,6 +370,10 @@ class TritonEngine(Engine):
                 raise ValueError(f"{option} must be true or false, got {value!r}")
         self._pdl = bool(pdl)
         self._prefetch = bool(prefetch)
+        parts = {"float32": torch.float32, "float16": torch.float16}
+        if parts_dtype not in parts:
+            raise ValueError(f"parts_dtype must be 'float32' or 'float16', got {parts_dtype!r}")
+        self._parts_dtype = parts[parts_dtype]
         self._graph_copies = bool(graph_copies)
         self._layout_req = layout
         self._consts = self._structure()
@@ -391,7 +399,9 @@ class TritonEngine(Engine):
         if self.layout in ("split", "persist"):
             # A block's output in K parts (ping-pong: block l writes [l % 2] and reads the
             # previous block's [(l - 1) % 2]), and x before every step s >= 1.
-            self._h = torch.zeros(2, c["K"], rows, c["HP"], device=dev)
+            # float16 parts (``parts_dtype``): half the L2 traffic of the parts sums, h
+            # rounded to 11 significant bits at every block boundary
+            self._h = torch.zeros(2, c["K"], rows, c["HP"], device=dev, dtype=self._parts_dtype)
             self._xs = torch.zeros(max(1, c["S"]), rows, s.act_dim, device=dev)
         self._x = torch.zeros(rows, s.act_dim, device=dev)
         # Q (fused: the min over heads) or, split and persist, each head's QS parts; V's parts
@@ -416,6 +426,7 @@ class TritonEngine(Engine):
             critic_precision=self._qprec,
             pdl=self._pdl,
             prefetch=self._prefetch,
+            parts_dtype=parts_dtype if self.layout != "fused" else None,
             precision=(
                 f"{dtype_name(self.dtype)} score-network block products, float32 accumulate;"
                 " critic float32"
