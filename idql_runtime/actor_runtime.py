@@ -77,7 +77,12 @@ class Actor:
         self._precision_limits = precision_limits
         self._recheck: Any = None  # PrecisionCheck in progress
         self._recheck_version: int | None = None  # the score network it must check
+        self._recheck_loaded = False  # its weights are in the reduced engine
         self._recheck_step_s = 0.0  # the longest idle step so far
+        # the budget of the next idle step of each kind: the last "load" and "init" (once
+        # per check), and the longest of PrecisionCheck's "decide", "reverse", "score"
+        # steps in the current check (an outlier holds back no later check)
+        self._recheck_unit_s: dict[str, float] = {}
         # Decisions run on the main thread (torch's OpenMP kernels are ~2x slower from a
         # worker thread here) and the control loop on a helper thread, when built there.
         if decide_on_main_thread is None:
@@ -175,20 +180,26 @@ class Actor:
             )
         if self._precision_states is not None and len(self._precision_states):
             self._recheck, self._recheck_version = None, version
+            self._recheck_loaded = False
 
     def idle_work(self) -> bool:
         """One short piece of deferred work in the time left before the next tick, on the
-        decision thread: today, one step of the precision re-check (one engine decision
-        plus its float64 reference, ~20 ms at N = 64 on a 2-core CPU). It runs only when
-        the time left is at least twice the longest such step so far (half a period before
-        the first one), so it never delays a tick; at ``rate_hz = 0`` (no deadlines) it
-        runs every tick. Returns whether it ran something."""
+        decision thread: today, one step of the precision re-check (``_recheck_step``:
+        load the weights, build the float64 reference, or one ``PrecisionCheck`` unit: the
+        engine's decision on a state, one float64 reverse step, the critic and metrics; a
+        few ms at most at N = 64 on a 2-core CPU). It runs only when the time left is at
+        least twice the budget of its kind (``_recheck_unit_s``; half a period before the
+        first of a kind), so it does not delay a tick and a slow one-off weight load does
+        not hold back the short steps; at ``rate_hz = 0`` (no deadlines) it runs every tick.
+        Returns whether it ran something."""
         if self._recheck_version is None or self._pair is None:
             return False
+        kind = self._recheck_next_unit()
         period = self.rate.period_s
         if period > 0:
             left = self.rate.next_tick - time.monotonic()
-            need = 2.0 * self._recheck_step_s if self._recheck_step_s else 0.5 * period
+            longest = self._recheck_unit_s.get(kind)
+            need = 2.0 * longest if longest else 0.5 * period
             if left < need:
                 return False
         t0 = time.perf_counter()
@@ -198,6 +209,7 @@ class Actor:
             raise  # the decision engine itself failed: the control loop must see it
         except Exception as e:  # an optional speed-up must not stop the robot: stay float32
             version, self._recheck, self._recheck_version = self._recheck_version, None, None
+            self._recheck_loaded = False
             why = f"re-check on version {version} failed: {type(e).__name__}: {e}"
             self.report.precision_events.append(
                 {"version": version, "dtype": "float32", "why": why}
@@ -205,22 +217,41 @@ class Actor:
             log.warning("%s; staying on float32", why)
             return False
         if ran:
-            self._recheck_step_s = max(self._recheck_step_s, time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            self._recheck_step_s = max(self._recheck_step_s, took)
+            once = kind in ("load", "init")
+            self._recheck_unit_s[kind] = (
+                took if once else max(self._recheck_unit_s.get(kind, 0.0), took)
+            )
         if ran and finished:
             self._recheck_done()
         return bool(ran)
 
+    def _recheck_next_unit(self) -> str:
+        """The kind of the re-check's next step (``idle_work`` budgets by kind)."""
+        if not self._recheck_loaded:
+            return "load"
+        if self._recheck is None:
+            return "init"
+        return str(self._recheck.next_unit)
+
     def _recheck_step(self) -> bool:
-        """On the decision thread: start the check (load the newest weights into the idle
-        reduced engine) or measure its next states; True when all are measured."""
+        """On the decision thread, one step of the re-check: load the newest weights into
+        the idle reduced engine, then build the check (its float64 reference), then its
+        units; True when every state is measured."""
         from idql_runtime.engines.precision import PrecisionCheck
 
         reduced, _ = self._pair  # type: ignore[misc]
-        if self._recheck is None:
+        if not self._recheck_loaded:
             reduced.load_weights(self.agent.inference_state())
+            self._recheck_loaded = True
+            return False
+        if self._recheck is None:
             states = self._precision_states
             assert states is not None
             self._recheck = PrecisionCheck(reduced, states, seed=self.seed)
+            for unit in ("decide", "reverse", "score"):  # budgets of this check's own steps
+                self._recheck_unit_s.pop(unit, None)
             return False
         return bool(self._recheck.step())
 
@@ -230,6 +261,7 @@ class Actor:
         reduced, fp32 = self._pair  # type: ignore[misc]
         version, report = self._recheck_version, self._recheck.report()
         self._recheck, self._recheck_version = None, None
+        self._recheck_loaded = False
         ok, why = precision_ok(report, self._precision_limits)
         dtype = reduced.describe()["dtype"]
         event = {
@@ -275,6 +307,10 @@ class Actor:
                 total = len(self._precision_states)  # type: ignore[arg-type]
                 done = self._recheck.measured if self._recheck is not None else 0
                 s["precision"]["recheck"] = f"v{self._recheck_version} {done}/{total}"
+            if self._recheck_unit_s:  # the budgets idle_work holds each kind of step to
+                s["precision"]["recheck_unit_ms"] = {
+                    k: round(v * 1e3, 2) for k, v in self._recheck_unit_s.items()
+                }
         if self.link is not None:
             ls = self.link.stats()
             s["link"] = {

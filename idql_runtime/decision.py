@@ -13,6 +13,7 @@ observations, full network forward each step) that every engine is checked again
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -158,14 +159,38 @@ class Decision(nn.Module):
         return x.to(obs.dtype)
 
     def _sample(self, obs: Tensor, x_init: Tensor, step_noise: Tensor) -> Tensor:
-        w_a, w_o, _ = self.score.split_input_weight()
-        obs_share = (obs @ w_o.T + self.score.inp.bias).unsqueeze(1)  # (B, 1, H)
-        time_share = self.time_shares(obs.dtype, obs.device)  # (T, H)
+        w_a, obs_share, time_share = self._shares(obs)
         x = x_init
-        for t in range(self.steps - 1, -1, -1):
-            x = self._step(x, obs_share, time_share[t], w_a, t, step_noise[t])
-        for _ in range(self.extra_final_steps):
-            x = self._step(x, obs_share, time_share[0], w_a, 0, None)
+        for t, noisy in self.reverse_plan():
+            x = self._step(x, obs_share, time_share[t], w_a, t, step_noise[t] if noisy else None)
+        return x.clamp(-1.0, 1.0)
+
+    def reverse_plan(self) -> list[tuple[int, bool]]:
+        """The reverse steps in order: (t, whether the step adds its noise): T steps from
+        t = T - 1 down to 0, then any extra final steps at t = 0 without noise."""
+        noisy = [(t, True) for t in range(self.steps - 1, -1, -1)]
+        return noisy + [(0, False)] * self.extra_final_steps
+
+    def _shares(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The action's first-layer weight, the observation's share (B, 1, H) and the time
+        shares (T, H): the work ``_step`` needs that does not depend on the candidate."""
+        w_a, w_o, _ = self.score.split_input_weight()
+        obs_share = (obs @ w_o.T + self.score.inp.bias).unsqueeze(1)
+        return w_a, obs_share, self.time_shares(obs.dtype, obs.device)
+
+    def sample_steps(
+        self, obs: Tensor, x_init: Tensor, step_noise: Tensor
+    ) -> Generator[None, None, Tensor]:
+        """``sample`` one reverse step per ``next()`` (yields after each step), returning the
+        candidates (``yield from``): the float64 re-check of an actor runs in the short idle
+        time between control ticks. Full precision only (no ``trunk_dtype``)."""
+        if self.trunk_dtype is not None:
+            raise ValueError("sample_steps runs the full-precision decision (trunk_dtype None)")
+        w_a, obs_share, time_share = self._shares(obs)
+        x = x_init
+        for t, noisy in self.reverse_plan():
+            x = self._step(x, obs_share, time_share[t], w_a, t, step_noise[t] if noisy else None)
+            yield None
         return x.clamp(-1.0, 1.0)
 
     def score_candidates(self, obs: Tensor, x: Tensor) -> Tensor:

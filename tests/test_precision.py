@@ -13,6 +13,7 @@ from idql_runtime.engines import build_engine
 from idql_runtime.engines.base import Engine
 from idql_runtime.engines.precision import (
     PRECISION_LIMITS,
+    PrecisionCheck,
     precision_ok,
     precision_report,
     reduced_dtype_for,
@@ -53,6 +54,70 @@ def test_candidates_are_the_naive_references_candidates():
         x, q = d64.candidates(obs.double(), noise.x_init.double(), noise.step_noise.double())
     torch.testing.assert_close(q, ref.q, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(x[torch.arange(2), ref.out.index], ref.out.action)
+
+
+def test_sample_steps_is_sample_one_reverse_step_at_a_time():
+    d64 = build_engine(_agent(0, tiny=True), kind="eager", batch=2, samples=8).reference_decision()
+    d64.extra_final_steps = 1  # a noiseless extra step at t = 0 too
+    g = torch.Generator().manual_seed(2)
+    obs = torch.randn(2, 17, generator=g, dtype=torch.float64)
+    x0 = torch.randn(2, 8, 6, generator=g, dtype=torch.float64)
+    z = torch.randn(d64.steps, 2, 8, 6, generator=g, dtype=torch.float64)
+    steps = d64.sample_steps(obs, x0, z)
+    yields = 0
+    try:
+        while True:
+            next(steps)
+            yields += 1
+    except StopIteration as end:
+        x = end.value
+    assert yields == d64.steps + 1 == len(d64.reverse_plan())
+    assert torch.equal(x, d64.sample(obs, x0, z))  # the same operations, bit for bit
+    d64.trunk_dtype = torch.bfloat16
+    with pytest.raises(ValueError, match="trunk_dtype"):
+        next(d64.sample_steps(obs, x0, z))
+
+
+def test_check_steps_are_small_units_with_the_one_shot_result():
+    """Each step() is one unit (engine decision, one reference reverse step, or critic and
+    metrics); states count as measured per whole batch; the report equals the one-shot
+    computation (decision, float64 candidates, selection) on the same noise draws."""
+    engine = build_engine(_agent(0, tiny=True), kind="cpu", dtype="bfloat16", batch=2, samples=8)
+    obs = _obs(5)
+    check = PrecisionCheck(engine, obs, seed=3)
+    units = check.units_per_batch
+    assert units == 2 + engine.spec.steps
+    progress, kinds = [], [check.next_unit]
+    while not check.step():
+        progress.append(check.measured)
+        kinds.append(check.next_unit)
+    assert len(progress) + 1 == 3 * units  # 3 batches of 2 (the last padded)
+    assert progress == [0] * (units - 1) + [2] * units + [4] * units
+    one = ["decide"] + ["reverse"] * (units - 2) + ["score"]
+    assert kinds == one * 3 and check.next_unit is None
+    got = check.report()
+
+    from idql_runtime.decision import select_index
+
+    d64, gen = engine.reference_decision(), torch.Generator().manual_seed(3)
+    regret, same = [], []
+    for start in (0, 2, 4):
+        chunk = obs[start : start + 2]
+        chunk = np.concatenate([chunk, chunk[-1:]]) if len(chunk) < 2 else chunk
+        noise = DecisionNoise.draw(engine.spec, generator=gen)
+        out = engine.decide_with_noise(chunk, noise)
+        o64, n64 = torch.as_tensor(chunk, dtype=torch.float64), [t.double() for t in noise]
+        with torch.no_grad():
+            x, q = d64.candidates(o64, n64[0], n64[1])
+            ref = select_index(q, d64.v(o64), n64[2], d64.mode, d64.value_loss, d64.tau, d64.alpha)
+        best, idx = q.amax(-1), out.index
+        r = (best - q[torch.arange(2), idx]) / (best - q.amin(-1)).clamp_min(1e-12)
+        keep = min(2, 5 - start)
+        regret.append(r[:keep].numpy())
+        same.append((idx == ref)[:keep].numpy())
+    assert got["regret_max"] == np.concatenate(regret).max()
+    assert got["regret_mean"] == np.concatenate(regret).mean()
+    assert got["same_pick"] == np.concatenate(same).mean()
 
 
 def test_reference_is_free_of_the_engines_speedups():
@@ -262,6 +327,12 @@ def _recheck_setup(limits: dict[str, float], **actor_kw: object) -> tuple:
     return actor, reduced, fp32, learner, link
 
 
+def _units(engine: Engine) -> int:
+    """Idle steps per calibration state (batch 1): the engine's decision, one float64
+    reference reverse step each, the reference critic and the metrics."""
+    return 2 + len(engine.reference_decision().reverse_plan())
+
+
 def _publish(actor: object, learner: object, version: int, agent_seed: int) -> None:
     from tests.test_transport import wait_for
 
@@ -277,7 +348,7 @@ def _publish(actor: object, learner: object, version: int, agent_seed: int) -> N
 
 def test_actor_rechecks_a_new_score_network_between_ticks_and_returns_to_bf16():
     """After the fall-back to float32, the actor re-runs the precision check on the new
-    score network, one state per tick in the idle time on the decision thread (the
+    score network, one small unit per tick in the idle time on the decision thread (the
     real run loop: control on a helper thread, decisions on this one), and goes back to
     the reduced engine, now on the new weights, when it passes."""
     lenient = {"regret_p99": 1.0, "action_err_p99": 2.0}  # the mechanism, not the limits
@@ -287,9 +358,10 @@ def test_actor_rechecks_a_new_score_network_between_ticks_and_returns_to_bf16():
         assert actor.engine is fp32 and actor.report.precision_fallback_version == 2
         assert actor.status()["precision"] == {"dtype": "float32", "recheck": "v2 0/6"}
 
-        report = actor.run(max_steps=10)  # rate 0: one idle step a tick; 1 load + 6 states
+        ticks = 2 + 6 * _units(reduced)  # rate 0: one idle step a tick; load, init, 6 states
+        report = actor.run(max_steps=ticks)
         assert actor.engine is reduced and report.precision_return_version == 2
-        assert report.steps == 10 and actor.decider.stats.decisions == 10  # none refused
+        assert report.steps == ticks and actor.decider.stats.decisions == ticks  # none refused
         fell, back = report.precision_events
         assert fell == {"version": 2, "dtype": "float32", "why": "score network changed"}
         assert back["version"] == 2 and back["dtype"] == "bfloat16"
@@ -321,7 +393,9 @@ def test_actor_recheck_restarts_on_a_newer_score_network_and_can_keep_float32():
     actor.rate = RateKeeper(0)
     try:
         _publish(actor, learner, 2, agent_seed=1)
-        assert actor.idle_work() and actor.idle_work()  # load, then the first state
+        units = _units(reduced)
+        for _ in range(2 + units):  # load, init, then the first state's units
+            assert actor.idle_work()
         assert actor.status()["precision"]["recheck"] == "v2 1/6"
         _publish(actor, learner, 3, agent_seed=2)
         assert actor.engine is fp32  # still: no second fall-back event
@@ -329,7 +403,7 @@ def test_actor_recheck_restarts_on_a_newer_score_network_and_can_keep_float32():
         steps = 0
         while actor.idle_work():
             steps += 1
-        assert steps == 7  # load + 6 states, for version 3 only
+        assert steps == 2 + 6 * units  # load, init, 6 states, for version 3 only
         assert actor.engine is fp32 and actor.report.precision_return_version is None
         last = actor.report.precision_events[-1]
         assert len(actor.report.precision_events) == 2
@@ -344,7 +418,8 @@ def test_actor_recheck_restarts_on_a_newer_score_network_and_can_keep_float32():
 
 def test_actor_recheck_waits_for_enough_time_before_the_next_tick():
     """The re-check's steps run only when the time left before the next tick is at least
-    half a period (first step) and then twice the longest step so far."""
+    half a period (the first step of a kind) and then twice the longest step of the same
+    kind so far: a long one-off weight load does not hold back the short units."""
     from idql_runtime.control import RateKeeper
 
     actor, reduced, fp32, learner, link = _recheck_setup({}, decide_on_main_thread=False)
@@ -354,13 +429,22 @@ def test_actor_recheck_waits_for_enough_time_before_the_next_tick():
         actor.rate.next_tick = time.monotonic() + 0.03  # < half a period left
         assert not actor.idle_work() and actor.status()["precision"]["recheck"] == "v2 0/6"
         actor.rate.next_tick = time.monotonic() + 10.0
-        assert actor.idle_work() and actor.idle_work()
-        longest = actor._recheck_step_s
+        units = _units(reduced)
+        for _ in range(2 + units):  # load, init, then the first state's units
+            assert actor.idle_work()
+        assert set(actor._recheck_unit_s) == {"load", "init", "decide", "reverse", "score"}
+        assert actor._recheck_next_unit() == "decide"
+        longest = actor._recheck_unit_s["decide"]
         assert longest > 0
         actor.rate.next_tick = time.monotonic() + 1.5 * longest  # < twice the longest step
         assert not actor.idle_work() and actor.status()["precision"]["recheck"] == "v2 1/6"
+        actor._recheck_unit_s["load"] = 10.0  # a long load counts for loads only
+        actor.rate.next_tick = time.monotonic() + 3.0 * longest + 0.05
+        assert actor.idle_work() and actor._recheck_next_unit() == "reverse"
         actor.rate.next_tick = time.monotonic() + 10.0
-        assert actor.idle_work() and actor.status()["precision"]["recheck"] == "v2 2/6"
+        for _ in range(units - 1):
+            assert actor.idle_work()
+        assert actor.status()["precision"]["recheck"] == "v2 2/6"
     finally:
         actor.close()
         link.close(flush_timeout_s=0.5)

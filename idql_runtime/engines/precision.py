@@ -21,6 +21,7 @@ it moves the action must stay small at the 99th percentile.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 import numpy as np
@@ -35,11 +36,13 @@ at most 0.05 (actions live in [-1, 1])."""
 
 
 class PrecisionCheck:
-    """``precision_report`` one engine batch of states at a time, for a caller that has
-    only short idle windows (an actor between ticks: ``step()`` costs one engine decision
-    plus the float64 reference on ``engine.spec.batch`` states, ~20 ms for N = 64 on a
-    2-core CPU). ``step()`` returns True once every state is measured; ``report()`` then
-    gives what ``precision_report`` gives.
+    """``precision_report`` in small steps, for a caller that has only short idle windows
+    (an actor between ticks). Each ``step()`` does one unit of work: the engine's decision
+    on the next ``engine.spec.batch`` states, one reverse step of the float64 reference on
+    them, or the reference critic and the metrics; ``units_per_batch`` units measure one
+    batch (at N = 64 on a 2-core CPU one unit takes a few ms, where a whole batch took
+    ~18 ms and never fitted between the ticks of a 100+ Hz actor). ``step()`` returns True
+    once every state is measured; ``report()`` then gives what ``precision_report`` gives.
 
     The float64 reference is taken from the engine's weights when the check is created:
     load the weights to check first.
@@ -54,6 +57,8 @@ class PrecisionCheck:
         self._d64 = engine.reference_decision()
         self._gen = torch.Generator().manual_seed(seed)
         self._next = 0
+        self._work: Generator[None, None, None] | None = None  # the batch in progress
+        self._unit = 0  # units of that batch done
         self._regret: list[np.ndarray] = []
         self._action_err: list[np.ndarray] = []
         self._same: list[np.ndarray] = []
@@ -64,13 +69,42 @@ class PrecisionCheck:
 
     @property
     def measured(self) -> int:
-        """States measured so far."""
+        """States measured so far (whole batches)."""
         return min(self._next, len(self.obs))
 
+    @property
+    def units_per_batch(self) -> int:
+        """``step()`` calls per batch of states: the engine's decision, one per reverse
+        step of the reference, then its critic and the metrics."""
+        return 2 + len(self._d64.reverse_plan())
+
+    @property
+    def next_unit(self) -> str | None:
+        """What the next ``step()`` does: "decide" (the engine on a new batch), "reverse"
+        (one float64 reverse step) or "score" (critic, selection, metrics); None when done.
+        Units of one kind take about the same time, so a caller can budget by kind."""
+        if self.done:
+            return None
+        if self._unit == 0:
+            return "decide"
+        return "score" if self._unit == self.units_per_batch - 1 else "reverse"
+
     def step(self) -> bool:
-        """Measure the next chunk of states (one engine batch); True when all are done."""
+        """One unit of work (class docstring); True when every state is measured."""
         if self.done:
             return True
+        if self._work is None:
+            self._work = self._measure_batch()
+        with torch.no_grad():
+            try:
+                next(self._work)
+                self._unit += 1
+            except StopIteration:
+                self._work, self._unit = None, 0
+        return self.done
+
+    def _measure_batch(self) -> Generator[None, None, None]:
+        """The next batch of states, yielding between units (``step``)."""
         spec, d64 = self.spec, self._d64
         start = self._next
         chunk = self.obs[start : start + spec.batch]
@@ -79,14 +113,13 @@ class PrecisionCheck:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], spec.batch - k, axis=0)])
         noise = DecisionNoise.draw(spec, generator=self._gen)
         out = self.engine.decide_with_noise(chunk, noise)
-        with torch.no_grad():
-            o64 = torch.as_tensor(chunk, dtype=torch.float64)
-            n64 = DecisionNoise(*(t.to(torch.float64) for t in noise))
-            x_ref, q_ref = d64.candidates(o64, n64.x_init, n64.step_noise)
-            v_ref = d64.v(o64)
-            ref_idx = select_index(
-                q_ref, v_ref, n64.u, d64.mode, d64.value_loss, d64.tau, d64.alpha
-            )
+        yield None
+        o64 = torch.as_tensor(chunk, dtype=torch.float64)
+        n64 = DecisionNoise(*(t.to(torch.float64) for t in noise))
+        x_ref = yield from d64.sample_steps(o64, n64.x_init, n64.step_noise)
+        q_ref = d64.score_candidates(o64, x_ref)
+        v_ref = d64.v(o64)
+        ref_idx = select_index(q_ref, v_ref, n64.u, d64.mode, d64.value_loss, d64.tau, d64.alpha)
         idx = out.index.to(torch.int64)
         rows = torch.arange(spec.batch)
         best = q_ref.amax(dim=-1)
@@ -97,7 +130,6 @@ class PrecisionCheck:
         self._action_err.append(err[:k].numpy())
         self._same.append((idx == ref_idx)[:k].numpy())
         self._next = start + spec.batch
-        return self.done
 
     def report(self) -> dict[str, Any]:
         if not self.done:
