@@ -78,7 +78,6 @@ class Actor:
         self._recheck: Any = None  # PrecisionCheck in progress
         self._recheck_version: int | None = None  # the score network it must check
         self._recheck_loaded = False  # its weights are in the reduced engine
-        self._recheck_step_s = 0.0  # the longest idle step so far
         # the budget of the next idle step of each kind: the last "load" and "init" (once
         # per check), and the longest of PrecisionCheck's "decide", "reverse", "score"
         # steps in the current check (an outlier holds back no later check)
@@ -208,8 +207,7 @@ class Actor:
         except DecisionEngineFailed:
             raise  # the decision engine itself failed: the control loop must see it
         except Exception as e:  # an optional speed-up must not stop the robot: stay float32
-            version, self._recheck, self._recheck_version = self._recheck_version, None, None
-            self._recheck_loaded = False
+            version = self._end_recheck()
             why = f"re-check on version {version} failed: {type(e).__name__}: {e}"
             self.report.precision_events.append(
                 {"version": version, "dtype": "float32", "why": why}
@@ -218,7 +216,6 @@ class Actor:
             return False
         if ran:
             took = time.perf_counter() - t0
-            self._recheck_step_s = max(self._recheck_step_s, took)
             once = kind in ("load", "init")
             self._recheck_unit_s[kind] = (
                 took if once else max(self._recheck_unit_s.get(kind, 0.0), took)
@@ -226,6 +223,12 @@ class Actor:
         if ran and finished:
             self._recheck_done()
         return bool(ran)
+
+    def _end_recheck(self) -> int | None:
+        """Forget the re-check in progress (done or failed); the version it was checking."""
+        version = self._recheck_version
+        self._recheck, self._recheck_version, self._recheck_loaded = None, None, False
+        return version
 
     def _recheck_next_unit(self) -> str:
         """The kind of the re-check's next step (``idle_work`` budgets by kind)."""
@@ -259,9 +262,8 @@ class Actor:
         from idql_runtime.engines.precision import precision_ok
 
         reduced, fp32 = self._pair  # type: ignore[misc]
-        version, report = self._recheck_version, self._recheck.report()
-        self._recheck, self._recheck_version = None, None
-        self._recheck_loaded = False
+        report = self._recheck.report()
+        version = self._end_recheck()
         ok, why = precision_ok(report, self._precision_limits)
         dtype = reduced.describe()["dtype"]
         event = {

@@ -128,9 +128,10 @@ def resolve_kind(kind: str, device: str | torch.device, rows: int | None = None)
     dev = torch.device(device)
     if kind != "auto":
         return kind
-    for k in auto_candidates(dev, rows):
-        return k
-    raise EngineUnavailable(f"no engine can run on {dev} here")
+    candidates = auto_candidates(dev, rows)
+    if not candidates:
+        raise EngineUnavailable(f"no engine can run on {dev} here")
+    return candidates[0]
 
 
 def build_engine(
@@ -171,23 +172,23 @@ def build_engine(
     if not candidates:
         raise EngineUnavailable(f"no engine can run on {dev} here")
     failed: list[str] = []
-    for chosen in candidates:
+    for chosen in candidates[:-1]:
         try:
             engine = make(chosen)
+            break
         except Exception as e:  # noqa: BLE001 - auto: say why, then the next fastest kind
-            if chosen == candidates[-1]:
-                raise
             failed.append(f"{chosen}: {type(e).__name__}: {str(e)[:200]}")
             log.warning("engine auto on %s: %s did not build (%s); trying the next", dev, chosen, e)
-            continue
-        log.info(
-            "engine auto on %s: picked %r for B*N = %d (available: %s%s)",
-            dev,
-            chosen,
-            batch * samples,
-            ", ".join(available_engines(dev)),
-            f"; did not build: {'; '.join(failed)}" if failed else "",
-        )
-        engine.info["auto"] = {"candidates": candidates, "failed": failed}
-        return engine
-    raise AssertionError("unreachable")  # the last candidate raises or returns
+    else:  # the last candidate's error, if any, is the caller's
+        chosen = candidates[-1]
+        engine = make(chosen)
+    log.info(
+        "engine auto on %s: picked %r for B*N = %d (available: %s%s)",
+        dev,
+        chosen,
+        batch * samples,
+        ", ".join(available_engines(dev)),
+        f"; did not build: {'; '.join(failed)}" if failed else "",
+    )
+    engine.info["auto"] = {"candidates": candidates, "failed": failed}
+    return engine

@@ -59,6 +59,9 @@ class PrecisionCheck:
         self._next = 0
         self._work: Generator[None, None, None] | None = None  # the batch in progress
         self._unit = 0  # units of that batch done
+        # step() calls per batch of states: the engine's decision, one per reverse step of
+        # the reference, then its critic and the metrics
+        self.units_per_batch = 2 + len(self._d64.reverse_plan())
         self._regret: list[np.ndarray] = []
         self._action_err: list[np.ndarray] = []
         self._same: list[np.ndarray] = []
@@ -71,12 +74,6 @@ class PrecisionCheck:
     def measured(self) -> int:
         """States measured so far (whole batches)."""
         return min(self._next, len(self.obs))
-
-    @property
-    def units_per_batch(self) -> int:
-        """``step()`` calls per batch of states: the engine's decision, one per reverse
-        step of the reference, then its critic and the metrics."""
-        return 2 + len(self._d64.reverse_plan())
 
     @property
     def next_unit(self) -> str | None:

@@ -968,18 +968,18 @@ class TritonEngine(Engine):
 
     # ------------------------------------------------------------------ CUDA graph
     def _body_rng(self) -> None:
-        if self._copies_in_graph:
-            self._obs.copy_(self._obs_host, non_blocking=True)
-        noise = DecisionNoise.draw(self.spec, generator=self.generator, device=self.device)
-        self._drawn = noise
-        self._launch(self._obs, *noise)
-        if self._copies_in_graph:
-            self._out_host_buf.copy_(self._out_buf, non_blocking=True)
+        self._drawn = DecisionNoise.draw(self.spec, generator=self.generator, device=self.device)
+        self._body(self._drawn)
 
     def _body_given(self) -> None:
+        self._body(self._noise_in)
+
+    def _body(self, noise: DecisionNoise) -> None:
+        """One captured decision: (``graph_copies``) the observation in from the pinned
+        buffer, the launches, (``graph_copies``) the packed rows out to the pinned buffer."""
         if self._copies_in_graph:
             self._obs.copy_(self._obs_host, non_blocking=True)
-        self._launch(self._obs, *self._noise_in)
+        self._launch(self._obs, *noise)
         if self._copies_in_graph:
             self._out_host_buf.copy_(self._out_buf, non_blocking=True)
 
