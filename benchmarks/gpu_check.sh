@@ -64,7 +64,7 @@ echo "rc=$?"
 
 echo "== 2. gpu-marked tests ($(left)s left) =="
 PER_TEST=""; $PY -c "import pytest_timeout" 2>/dev/null && PER_TEST="--timeout 120"
-timeout $(( $(left) / 2 )) $PY -m pytest -m gpu tests/test_triton_engine.py tests/test_engines.py tests/test_learner_step.py \
+timeout $(( $(left) / 2 )) $PY -m pytest -m gpu tests/test_triton_engine.py tests/test_engines.py tests/test_learner_step.py tests/test_trainer.py \
   -v -p no:cacheprovider $PER_TEST > "$OUT/pytest_gpu.log" 2>&1  # -v: a cut log still names each result
 echo "rc=$?"; grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/pytest_gpu.log" | tail -40
 

@@ -144,9 +144,21 @@ class TrainConfig:
     eval_samples: list[int] = _f([16, 64, 256], "N values evaluated each round")
     checkpoint_interval: int = _f(50_000, "iterations between checkpoints")
     keep_checkpoints: int = _f(3, "newest checkpoints kept on disk")
+    learner_backend: str = _f(
+        "auto",
+        "update step of idql-learner (offline and online): reference (Agent.update), "
+        "eager, compile, cuda_graph or compile_cuda_graph (LearnerStep); auto = cuda_graph "
+        "on a GPU for IDQL, reference otherwise",
+    )
+    tf32: bool = _f(False, "TF32 matmuls in the learner step on a GPU (faster, ~1e-3 rel.)")
 
     def validate(self) -> None:
         _choice("train.algo", self.algo, ("idql", "iql_awr", "bc"))
+        _choice(
+            "train.learner_backend",
+            self.learner_backend,
+            ("auto", "reference", "eager", "compile", "cuda_graph", "compile_cuda_graph"),
+        )
         _choice("train.reward_transform", self.reward_transform, ("locomotion", "antmaze", "none"))
         _positive("train.batch_size", self.batch_size)
         if self.iterations < 0:

@@ -14,7 +14,13 @@ import torch
 
 from idql_runtime.agent import Agent
 from idql_runtime.config import Config
-from idql_runtime.engines.learner_step import METRICS, LearnerStep, parse_backend_spec
+from idql_runtime.engines.learner_step import (
+    CRITIC_METRICS,
+    METRICS,
+    LearnerStep,
+    learner_step_for,
+    parse_backend_spec,
+)
 
 K = 3
 
@@ -114,6 +120,73 @@ def test_sync_to_agent_lets_agent_update_carry_on_identically() -> None:
 def test_critic_batch_rows_as_in_v1() -> None:
     ref, fast, m_ref, m_fast, _ = _run_both(_config(dropout=0.0, critic_batch_rows=16), "eager")
     _assert_same(ref, fast, m_ref, m_fast)
+
+
+def test_critic_only_step_equals_agent_critic_update() -> None:
+    """actor=False (the online learner without finetune_actor): V then Q, K steps; the
+    actor's parameters, optimiser and LR position are untouched, no loss noise is drawn."""
+    ref, fast = _pair(_config(critic_batch_rows=48))
+    batch = _batch(64)
+    gen = torch.Generator().manual_seed(1)
+    step = LearnerStep(fast, 64, backend="eager", actor=False, generator=gen)
+    assert step.metrics == CRITIC_METRICS
+    before = gen.get_state()
+    m_ref = [ref.critic_update(batch) for _ in range(K)]
+    m_fast = [step.update(batch) for _ in range(K)]
+    assert torch.equal(gen.get_state(), before)
+    for (name, p), q in zip(ref.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    for a, b in zip(m_ref, m_fast, strict=True):
+        assert set(b) == set(CRITIC_METRICS) == set(a)
+        for k in CRITIC_METRICS:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+    step.sync_to_agent()
+    assert fast.actor_opt.state == {} and fast.actor_sched.last_epoch == 0
+    for o_ref, o_fast in ((ref.v_opt, fast.v_opt), (ref.q_opt, fast.q_opt)):
+        for p_ref, p_fast in zip(
+            o_ref.param_groups[0]["params"], o_fast.param_groups[0]["params"], strict=True
+        ):
+            s_ref, s_fast = o_ref.state[p_ref], o_fast.state[p_fast]
+            assert float(s_fast["step"]) == float(s_ref["step"]) == K
+            torch.testing.assert_close(
+                s_fast["exp_avg_sq"], s_ref["exp_avg_sq"], rtol=1e-4, atol=1e-9
+            )
+
+
+def test_caller_generator_draws_the_loss_noise() -> None:
+    """generator=: the trainer's generator (checkpointed) drives t/eps, as Agent.update's."""
+    cfg = _config(dropout=0.0)
+    ref, fast = _pair(cfg)
+    batch = _batch(64)
+    g_ref, g_fast = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    step = LearnerStep(fast, 64, backend="eager", seed=999, generator=g_fast)
+    a = [ref.update(batch, g_ref) for _ in range(K)]
+    b = [step.update(batch) for _ in range(K)]
+    assert torch.equal(g_ref.get_state(), g_fast.get_state())
+    _assert_same(ref, fast, a, b)
+
+
+def test_config_picks_the_update_step() -> None:
+    """train.learner_backend: auto is the reference on a CPU; names build that backend;
+    contradictions and unsupported algorithms are refused with the reason."""
+    assert learner_step_for(Agent(_config(tiny=True), 17, 6), 8) is None
+    step = learner_step_for(Agent(_config(tiny=True, learner_backend="eager"), 17, 6), 8)
+    assert isinstance(step, LearnerStep) and step.backend == "eager" and step.actor
+    step = learner_step_for(
+        Agent(_config(tiny=True, learner_backend="eager"), 17, 6), 8, actor=False
+    )
+    assert step is not None and step.metrics == CRITIC_METRICS
+    awr = _config(tiny=True, algo="iql_awr")
+    assert learner_step_for(Agent(awr, 17, 6), 8) is None  # auto: the reference
+    awr.train.learner_backend = "eager"
+    with pytest.raises(ValueError, match="iql_awr"):
+        learner_step_for(Agent(awr, 17, 6), 8)
+    with pytest.raises(ValueError, match="train.tf32=true needs a LearnerStep backend"):
+        learner_step_for(
+            Agent(_config(tiny=True, learner_backend="reference", tf32=True), 17, 6), 8
+        )
+    with pytest.raises(ValueError, match="actor=False has none"):
+        LearnerStep(Agent(_config(tiny=True), 17, 6), 8, actor=False, overlap=True)
 
 
 def test_rejects_what_it_does_not_implement() -> None:

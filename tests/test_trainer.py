@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from idql_runtime.config import load_config
@@ -46,15 +47,22 @@ def test_short_run_lowers_diffusion_loss_and_td_error(
     assert after["val_td_error"] < before["val_td_error"] / 4.0, (before, after)
 
 
-def test_resume_reproduces_uninterrupted_losses(hopper_store_path: Path, tmp_path: Path) -> None:
-    a = _trainer(hopper_store_path, tmp_path / "a")
+@pytest.mark.parametrize("backend", ["reference", "eager"])
+def test_resume_reproduces_uninterrupted_losses(
+    hopper_store_path: Path, tmp_path: Path, backend: str
+) -> None:
+    """Bit for bit, with Agent.update and with the fast LearnerStep (its moments, step
+    counts and LR position go through the checkpoint, its loss noise through the trainer's
+    checkpointed generator)."""
+    a = _trainer(hopper_store_path, tmp_path / "a", **{"train.learner_backend": backend})
+    assert (a.learner_step is None) == (backend == "reference")
     for _ in range(20):
         a.step()
     a.save()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     straight = [a.step() for _ in range(15)]
 
-    b = _trainer(hopper_store_path, tmp_path / "b")
+    b = _trainer(hopper_store_path, tmp_path / "b", **{"train.learner_backend": backend})
     assert b.resume() and b.iteration == 20
     resumed = [b.step() for _ in range(15)]
     for x, y in zip(straight, resumed, strict=True):
@@ -64,6 +72,28 @@ def test_resume_reproduces_uninterrupted_losses(hopper_store_path: Path, tmp_pat
         a.agent.state_dict().items(), b.agent.state_dict().values(), strict=True
     ):
         assert torch.equal(pa, pb), k
+
+
+def test_fast_step_trains_like_agent_update(hopper_store_path: Path, tmp_path: Path) -> None:
+    """train.learner_backend=eager against the reference on the same data, seeds and
+    dropout masks: 25 iterations agree to float32 rounding of the optimiser arithmetic
+    (tests/test_learner_step.py), and the logged metrics come from the device tensor."""
+    ref = _trainer(hopper_store_path, tmp_path / "ref", **{"train.log_interval": 5})
+    h_ref = ref.run(25)["history"]
+    fast = _trainer(  # seeds torch's global RNG (the dropout masks) again
+        hopper_store_path,
+        tmp_path / "fast",
+        **{"train.log_interval": 5, "train.learner_backend": "eager"},
+    )
+    h_fast = fast.run(25)["history"]
+    assert [m["iteration"] for m in h_fast] == [5, 10, 15, 20, 25]
+    for a, b in zip(h_ref, h_fast, strict=True):
+        for k in ("actor_loss", "actor_lr", "v_loss", "v_mean", "q_loss", "q_mean"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a[k], b[k])
+    for (k, pa), pb in zip(
+        ref.agent.state_dict().items(), fast.agent.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_learner_cli_trains_checkpoints_and_resumes(
@@ -100,7 +130,8 @@ def test_learner_cli_trains_checkpoints_and_resumes(
         == "ckpt_000000030"
     )
     r2 = subprocess.run(
-        [*base, "--resume", "--set", "train.iterations=50"],
+        # resumed onto the fast update step: a reference checkpoint carries on in LearnerStep
+        [*base, "--resume", "--set", "train.iterations=50", "--set", "train.learner_backend=eager"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -108,6 +139,8 @@ def test_learner_cli_trains_checkpoints_and_resumes(
     )
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert "resumed at iteration 30" in r2.stderr
+    assert "update step: LearnerStep backend=eager" in r2.stderr
+    assert "update step: Agent.update (reference)" in r1.stderr
     its = [
         json.loads(line)["iteration"]
         for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -119,3 +152,105 @@ def test_learner_cli_trains_checkpoints_and_resumes(
     )
     assert meta["env_id"] == "Hopper-v5" and meta["reward_transform"]["kind"] == "locomotion"
     assert (tmp_path / "run" / "tb").is_dir()
+
+
+@pytest.mark.parametrize("finetune_actor", [False, True])
+def test_online_learner_fast_step_matches_reference_and_checkpoints(
+    hopper_store_path: Path, tmp_path: Path, finetune_actor: bool
+) -> None:
+    """The online learner's updates (V + Q, or actor + V + Q with online.finetune_actor)
+    through train.learner_backend=eager agree with the agent's reference updates on the
+    same store and seeds; its checkpoint carries LearnerStep's optimiser state, so a
+    restart resumes both optimisers where they were."""
+    from idql_runtime.agent import Agent
+    from idql_runtime.checkpoint import load_checkpoint, restore_agent
+    from idql_runtime.envs import RewardTransform
+    from idql_runtime.online import OnlineLearner
+
+    def learner(backend: str, run_dir: Path) -> OnlineLearner:
+        cfg = load_config(
+            overrides={
+                **TINY,
+                "online.warmup_transitions": 10,
+                "online.batch_size": 32,
+                "online.finetune_actor": finetune_actor,
+                "train.learner_backend": backend,
+            }
+        )
+        torch.manual_seed(0)  # same weights and dropout masks for both learners
+        store = ReplayStore.open(hopper_store_path)
+        agent = Agent(cfg, store.obs_dim, store.act_dim)
+        meta = {"obs_dim": store.obs_dim, "act_dim": store.act_dim}
+        tr = RewardTransform.from_dict({"kind": "none", "scale": 1.0, "shift": 0.0})
+        return OnlineLearner(cfg, agent, store, None, None, run_dir, tr, meta=meta, seed=3)
+
+    runs = {}
+    for backend in ("reference", "eager"):
+        ln = learner(backend, tmp_path / backend)
+        ln.owed_updates = 6.0
+        assert ln.train() == 6 and ln.updates == 6
+        assert (ln.learner_step is None) == (backend == "reference")
+        runs[backend] = ln
+    ref, fast = runs["reference"], runs["eager"]
+    assert set(fast.last_metrics) == set(ref.last_metrics)
+    for k, v in ref.last_metrics.items():
+        assert fast.last_metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+    for (k, pa), pb in zip(
+        ref.agent.state_dict().items(), fast.agent.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=k)
+
+    assert fast.checkpoint() is not None
+    back = restore_agent(load_checkpoint(tmp_path / "eager" / "checkpoints"), optimisers=True)
+    names = ("v_opt", "q_opt", "actor_opt") if finetune_actor else ("v_opt", "q_opt")
+    for name in names:
+        o_ref, o_back = getattr(ref.agent, name), getattr(back, name)
+        for p_ref, p_back in zip(
+            o_ref.param_groups[0]["params"], o_back.param_groups[0]["params"], strict=True
+        ):
+            s_ref, s_back = o_ref.state[p_ref], o_back.state[p_back]
+            assert float(s_back["step"]) == float(s_ref["step"]) == 6, name
+            torch.testing.assert_close(s_back["exp_avg"], s_ref["exp_avg"], rtol=1e-4, atol=1e-6)
+    assert back.actor_sched.last_epoch == (6 if finetune_actor else 0)
+
+
+@pytest.mark.gpu
+def test_gpu_trainer_auto_uses_the_cuda_graph_step(hopper_store_path: Path, tmp_path: Path) -> None:
+    """On a GPU, learner_backend=auto trains through the captured LearnerStep; 20
+    iterations agree with Agent.update on the same GPU (dropout off: the graph draws its
+    own masks), and a save + resume carries on where the uninterrupted run goes. Written
+    without a GPU (2026-11-26, fourth session); not yet run on one."""
+
+    def trainer(run_dir: Path, backend: str) -> OfflineTrainer:
+        cfg = load_config(
+            overrides={
+                **TINY,
+                "network.dropout": 0.0,
+                "train.learner_backend": backend,
+                "train.log_interval": 10,
+                "train.lr_decay_steps": 400,
+                "train.checkpoint_interval": 1000,
+            }
+        )
+        return OfflineTrainer(
+            cfg, ReplayStore.open(hopper_store_path), run_dir, device="cuda",
+            progress=False, tensorboard=False,
+        )  # fmt: skip
+
+    ref = trainer(tmp_path / "ref", "reference")
+    h_ref = ref.run(20)["history"]
+    fast = trainer(tmp_path / "fast", "auto")
+    assert fast.learner_step is not None and fast.learner_step.backend == "cuda_graph"
+    h_fast = fast.run(20)["history"]
+    for a, b in zip(h_ref, h_fast, strict=True):
+        for k in ("actor_loss", "v_loss", "q_loss"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-4), (k, a[k], b[k])
+    fast.save()
+    shutil.copytree(tmp_path / "fast", tmp_path / "again")
+    straight = [fast.step() for _ in range(5)]
+    again = trainer(tmp_path / "again", "auto")
+    assert again.resume() and again.iteration == 20
+    resumed = [again.step() for _ in range(5)]
+    for a, b in zip(straight, resumed, strict=True):
+        for k in ("actor_loss", "v_loss", "q_loss"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (k, a[k], b[k])

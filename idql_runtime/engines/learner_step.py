@@ -13,6 +13,10 @@ numbers drawn from the same generator in the same order) with
   (works on the CPU too, for the offline trainer); "compile_cuda_graph" captures those
   compiled pieces in one CUDA graph;
 - backend "eager": the same functional iteration, uncompiled (the parity bridge);
+- ``actor=False``: V then Q only, ``Agent.critic_update`` (what the online learner runs
+  unless it finetunes the behaviour model); no loss noise is drawn;
+- ``generator``: the loss noise comes from the caller's generator (a trainer's, whose state
+  its checkpoints keep, so a resumed run draws what an uninterrupted one would);
 - ``overlap`` (CUDA): the actor's loss, gradient and AdamW + EMA update run on a second
   stream beside V's and Q's (they share no tensor but the read-only batch), so that in
   the graph they are two branches; the metrics join them. Off by default until measured
@@ -29,6 +33,7 @@ into the agent's optimisers, so checkpoints and ``Agent.update`` can carry on.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -38,7 +43,10 @@ from torch import Tensor, nn
 
 from idql_runtime.critic import q_loss, value_loss
 
+log = logging.getLogger(__name__)
+
 METRICS = ("actor_loss", "actor_lr", "v_loss", "v_mean", "q_loss", "q_mean")
+CRITIC_METRICS = METRICS[2:]  # ``actor=False``: Agent.critic_update's V then Q
 BACKENDS = ("eager", "compile", "cuda_graph", "compile_cuda_graph")
 _BATCH_KEYS = ("obs", "action", "reward", "next_obs", "terminated")
 
@@ -56,6 +64,52 @@ def parse_backend_spec(text: str) -> dict[str, Any]:
         "matmul_precision": "high" if "tf32" in flags else "highest",
         "overlap": "overlap" in flags,
     }
+
+
+def learner_step_for(
+    agent: Any,
+    batch_size: int,
+    *,
+    actor: bool = True,
+    generator: torch.Generator | None = None,
+    train: Any = None,
+) -> LearnerStep | None:
+    """The update step ``train.learner_backend`` asks for in idql-learner (offline and
+    online); None means ``Agent.update`` / ``Agent.critic_update`` (the reference).
+    ``train`` is the run's current TrainConfig (default: the agent's): a resumed run may
+    change how it computes, not what.
+
+    ``auto``: ``cuda_graph`` on a CUDA device for IDQL, where it removes ~160 launches and
+    every per-metric sync; the reference elsewhere: on the CPU the functional step measured
+    no faster (44.6 vs 44.7 ms per actor + V + Q iteration, batch 512, this 2-core EPYC)
+    and ``compile`` x1.04 for a compile of minutes. The Gaussian baselines and the v1
+    double-step bug run the reference under ``auto``; asked for by name, a fast backend
+    refuses them with the reason.
+    """
+    t = train if train is not None else agent.cfg.train
+    backend = asked = t.learner_backend
+    if backend == "auto":
+        what = agent.cfg.train
+        supported = what.algo == "idql" and not what.v1_double_actor_step
+        on_gpu = next(agent.parameters()).device.type == "cuda"
+        backend = "cuda_graph" if supported and on_gpu else "reference"
+    if backend == "reference":
+        if t.tf32 and asked == "reference":
+            raise ValueError(
+                "train.tf32=true needs a LearnerStep backend; train.learner_backend=reference "
+                "is Agent.update in float32"
+            )
+        if t.tf32:
+            log.warning("train.tf32 has no effect: learner_backend=auto runs Agent.update here")
+        return None
+    return LearnerStep(
+        agent,
+        batch_size,
+        backend=backend,
+        matmul_precision="high" if t.tf32 else "highest",
+        actor=actor,
+        generator=generator,
+    )
 
 
 # ---------------------------------------------------------------- losses (pure functions)
@@ -210,8 +264,9 @@ class _Opt:
 class LearnerStep:
     """One offline IDQL iteration on a static batch size, fast (see module docstring).
 
-    ``step(batch)`` returns the metrics as a (6,) device tensor (``METRICS`` order, no sync);
-    ``update(batch)`` returns them as floats like ``Agent.update``. The agent's parameters
+    ``step(batch)`` returns the metrics as a device tensor (``self.metrics`` order: ``METRICS``,
+    or ``CRITIC_METRICS`` with ``actor=False``; no sync); ``update(batch)`` returns them as
+    floats like ``Agent.update`` / ``Agent.critic_update``. The agent's parameters
     are updated in place; call ``sync_to_agent`` before checkpointing or mixing with
     ``Agent.update``.
     """
@@ -226,6 +281,8 @@ class LearnerStep:
         compile_mode: str | None = None,
         matmul_precision: str = "highest",
         overlap: bool = False,
+        actor: bool = True,
+        generator: torch.Generator | None = None,
     ) -> None:
         cfg = agent.cfg
         if matmul_precision not in ("highest", "high"):
@@ -253,6 +310,10 @@ class LearnerStep:
                 f"backend {backend!r} needs the agent on a CUDA device, not {self.device}"
             )
         self.backend = backend
+        if actor not in (True, False):
+            raise ValueError(f"actor must be true or false, got {actor!r}")
+        if overlap and not actor:
+            raise ValueError("overlap=True runs the actor beside the critic; actor=False has none")
         if overlap not in (True, False):
             raise ValueError(f"overlap must be true or false, got {overlap!r}")
         if overlap and self.device.type != "cuda":
@@ -261,9 +322,17 @@ class LearnerStep:
                 f"{self.device}, not a CUDA device"
             )
         self.overlap = bool(overlap)
+        # actor=False: V then Q only (Agent.critic_update, the online learner's default)
+        self.actor = bool(actor)
+        self.metrics = METRICS if self.actor else CRITIC_METRICS
         # the actor's branch (``_iteration``); None: one stream, in Agent.update's order
         self._branch = torch.cuda.Stream(device=self.device) if self.overlap else None
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        if generator is not None and torch.device(generator.device) != self.device:
+            raise ValueError(
+                f"the loss-noise generator is on {generator.device}, the agent on {self.device}"
+            )
+        # the caller's generator (a trainer's, whose state its checkpoints keep) or our own
+        self.generator = generator or torch.Generator(device=self.device).manual_seed(seed)
 
         self._p_actor = list(agent.score.parameters())
         self._p_ema = list(agent.score_ema.parameters())
@@ -332,7 +401,9 @@ class LearnerStep:
     def _iteration(self, batch: dict[str, Tensor]) -> Tensor:
         ag, c = self.agent, self.agent.cfg
         branch = self._branch
-        if branch is None:
+        if not self.actor:
+            loss_a = lr_next = None
+        elif branch is None:
             loss_a, lr_next = self._actor_part(batch)
         else:
             # The actor on its own stream, from the point the batch and t/eps are ready;
@@ -343,6 +414,7 @@ class LearnerStep:
                 loss_a, lr_next = self._actor_part(batch)
             for t in (loss_a, lr_next):
                 t.record_stream(main)  # made on the branch, read on main after the join
+            assert loss_a is not None and lr_next is not None
 
         if self._rows is not None:
             batch = {k: v[: self._rows] for k, v in batch.items()}
@@ -375,16 +447,9 @@ class LearnerStep:
             self._adam_ema(self._qopt, grads, self._critic_lr_t, self._p_qt, cc.target_ema)
             if branch is not None:
                 torch.cuda.current_stream(self.device).wait_stream(branch)
-            return torch.stack(
-                [
-                    loss_a,
-                    lr_next,
-                    loss_v.detach(),
-                    v_mean,
-                    loss_q.detach(),
-                    q_mean,
-                ]
-            ).to(torch.float32)
+            critic = [loss_v.detach(), v_mean, loss_q.detach(), q_mean]
+            actor = [] if loss_a is None or lr_next is None else [loss_a, lr_next]
+            return torch.stack(actor + critic).to(torch.float32)
 
     def _draw(self) -> None:
         """t and eps exactly as diffusion.ddpm_loss draws them (same generator, same order),
@@ -401,7 +466,8 @@ class LearnerStep:
                 raise ValueError(
                     f"batch[{k!r}] has shape {tuple(batch[k].shape)}, expected {shape}"
                 )
-        self._draw()
+        if self.actor:
+            self._draw()
         if "cuda_graph" not in self.backend:
             with self._precision():
                 return self._iteration(batch)
@@ -416,12 +482,20 @@ class LearnerStep:
 
     def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
         """``step`` plus one sync: the metrics as floats (Agent.update's names)."""
-        return dict(zip(METRICS, self.step(batch).tolist(), strict=True))
+        return self.floats(self.step(batch))
+
+    def floats(self, metrics: Tensor) -> dict[str, float]:
+        """A ``step`` result as ``{name: float}`` (one sync)."""
+        return dict(zip(self.metrics, metrics.tolist(), strict=True))
 
     def sync_to_agent(self) -> None:
-        """Write moments, step counts and the LR scheduler position back into the agent."""
-        for o in (self._actor, self._vopt, self._qopt):
+        """Write moments, step counts and the LR scheduler position back into the agent
+        (with ``actor=False`` only V's and Q's: the actor's optimiser was not used)."""
+        for o in (self._vopt, self._qopt):
             o.write_back()
+        if not self.actor:
+            return
+        self._actor.write_back()
         k = int(round(float(self._k)))
         sched = self.agent.actor_sched
         sched.last_epoch = k
