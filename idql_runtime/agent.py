@@ -59,20 +59,25 @@ class Agent(nn.Module):
         actor_params = (
             self.score.parameters() if self.gaussian is None else self.gaussian.parameters()
         )
+        # fused: one kernel per optimiser step instead of ~10 ops per parameter tensor
+        # (the CPU's AdamW step over the 1.8M-parameter score network: 0.46 vs 1.63 ms,
+        # benchmarks/onednn_learner.py); the same Adam arithmetic.
+        fused = self.device.type in ("cpu", "cuda")
         self.actor_opt = torch.optim.AdamW(
             actor_params,
             lr=t.actor_lr,
             betas=(0.9, 0.999),
             eps=1e-8,
             weight_decay=t.actor_weight_decay,
+            fused=fused,
         )
         decay = max(t.lr_decay_steps, 1)
         # optax.cosine_decay_schedule(lr, decay): lr * 0.5 (1 + cos(pi min(k, decay) / decay))
         self.actor_sched = torch.optim.lr_scheduler.LambdaLR(
             self.actor_opt, lambda k: 0.5 * (1.0 + math.cos(math.pi * min(k, decay) / decay))
         )
-        self.v_opt = torch.optim.Adam(self.v.parameters(), lr=t.critic_lr, eps=1e-8)
-        self.q_opt = torch.optim.Adam(self.q.parameters(), lr=t.critic_lr, eps=1e-8)
+        self.v_opt = torch.optim.Adam(self.v.parameters(), lr=t.critic_lr, eps=1e-8, fused=fused)
+        self.q_opt = torch.optim.Adam(self.q.parameters(), lr=t.critic_lr, eps=1e-8, fused=fused)
 
     def optimisers(self) -> dict[str, Any]:
         return {

@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learner", action="store_true", help="also time the learner iteration")
     p.add_argument(
         "--learner-backends",
-        default="auto",
-        help="LearnerStep backends to time; suffix ':tf32' for TF32 matmuls (GPU), "
+        default="reference,auto",
+        help="learner steps to time: 'reference' (Agent.update as idql-learner runs it) or "
+        "LearnerStep backends; suffix ':tf32' for TF32 matmuls (GPU), "
         "':overlap' for the actor on a second stream (GPU)",
     )
     p.add_argument("--learner-batch", type=int, default=512, help="learner batch rows")
@@ -318,10 +319,18 @@ def bench_learner(args: argparse.Namespace) -> list[dict[str, Any]]:
         sync()
         return (time.perf_counter() - t0) / n
 
+    from idql_runtime import onednn
+
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     eager_agent = make_agent()
+
+    def plain_update() -> None:
+        """The baseline: Agent.update in plain PyTorch (no oneDNN training products)."""
+        with onednn.training_products(False):
+            eager_agent.update(batch, gen)
+
     for _ in range(2):
-        eager_agent.update(batch, gen)
+        plain_update()
     rounds = 5
     n_fast = max(rounds, args.learner_iters) // rounds
     n_eager = max(1, n_fast // (1 if dev == "cuda" else 4))
@@ -329,19 +338,31 @@ def bench_learner(args: argparse.Namespace) -> list[dict[str, Any]]:
     for item in [s.strip() for s in args.learner_backends.split(",") if s.strip()]:
         row: dict[str, Any] = {"batch": b, "requested": item}
         try:
-            spec = parse_backend_spec(item)  # e.g. "compile_cuda_graph:tf32:overlap"
-            row.update(matmul_precision=spec["matmul_precision"], overlap=spec["overlap"])
             t0 = time.perf_counter()
-            step = LearnerStep(make_agent(), b, seed=args.seed, **spec)
+            run: Any
+            if item == "reference":  # Agent.update as idql-learner runs it (oneDNN on a CPU)
+                ref_agent, ref_gen = make_agent(), torch.Generator(device=dev).manual_seed(1)
+                row.update(
+                    matmul_precision="highest",
+                    overlap=False,
+                    onednn_products=onednn.training_enabled() and dev == "cpu",
+                )
+                run = lambda a=ref_agent, g=ref_gen: a.update(batch, g)  # noqa: E731
+                backend = "reference"
+            else:
+                spec = parse_backend_spec(item)  # e.g. "compile_cuda_graph:tf32:overlap"
+                row.update(matmul_precision=spec["matmul_precision"], overlap=spec["overlap"])
+                step = LearnerStep(make_agent(), b, seed=args.seed, **spec)
+                run, backend = (lambda s=step: s.step(batch)), step.backend
             for _ in range(3):
-                step.step(batch)
+                run()
             sync()
-            row["backend"] = step.backend
+            row["backend"] = backend
             row["build_s"] = round(time.perf_counter() - t0, 2)
             fast, base = [], []
             for _ in range(rounds):  # alternate so load changes hit both alike
-                fast.append(per_iter(lambda s=step: s.step(batch), n_fast))
-                base.append(per_iter(lambda: eager_agent.update(batch, gen), n_eager))
+                fast.append(per_iter(run, n_fast))
+                base.append(per_iter(plain_update, n_eager))
             f, e = float(np.median(fast)), float(np.median(base))
         except Exception as ex:  # noqa: BLE001
             row["error"] = f"{type(ex).__name__}: {ex}"
@@ -354,7 +375,7 @@ def bench_learner(args: argparse.Namespace) -> list[dict[str, Any]]:
             eager_iters_per_s=round(1 / e, 1),
             speedup=round(e / f, 3),
             iters=n_fast * rounds,
-            eager="Agent.update (torch.optim, float metrics)",
+            eager="Agent.update in plain PyTorch (torch.optim, float metrics, no oneDNN products)",
         )
         rows.append(row)
     return rows

@@ -24,20 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from idql_runtime import onednn
 from idql_runtime.decision import DecisionNoise, DecisionOutput, DecisionSpec, select_index
 from idql_runtime.engines.base import Engine, to_output
 
 
 def onednn_available() -> bool:
     """Whether oneDNN's fused linear ops are usable in this torch build."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8), 4)
-        torch.ops.mkldnn._linear_pointwise(torch.ones(4, 8), w, None, "relu", [], "")
-    except (RuntimeError, AttributeError):
-        return False
-    return True
+    return onednn.available()
 
 
 _POST_OPS = {nn.SiLU: "swish", nn.ReLU: "relu"}

@@ -80,9 +80,10 @@ def learner_step_for(
     change how it computes, not what.
 
     ``auto``: ``cuda_graph`` on a CUDA device for IDQL, where it removes ~160 launches and
-    every per-metric sync; the reference elsewhere: on the CPU the functional step measured
-    no faster (44.6 vs 44.7 ms per actor + V + Q iteration, batch 512, this 2-core EPYC)
-    and ``compile`` x1.04 for a compile of minutes. The Gaussian baselines and the v1
+    every per-metric sync; the reference elsewhere: on the CPU ``Agent.update`` (oneDNN
+    block products, fused Adam) is the fastest step measured, 31.7 ms per actor + V + Q
+    iteration at batch 512 on the 2-core EPYC against 33.8 for the functional step (its
+    foreach Adam is slower there) and 47.6 for ``compile``. The Gaussian baselines and the v1
     double-step bug run the reference under ``auto``; asked for by name, a fast backend
     refuses them with the reason.
     """

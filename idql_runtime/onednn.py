@@ -1,0 +1,93 @@
+"""oneDNN float32 products on the CPU: the fast CPU engine's and the learner's.
+
+On x86 PyTorch sends ``F.linear`` / ``torch.mm`` to MKL. On the AMD EPYC these machines
+have, MKL runs a generic path at about 190-210 GFLOP/s for the score network's
+(512 x 256 x 1024) block products, where oneDNN (``torch.ops.mkldnn._linear_pointwise``)
+reaches 460 (forward), 470 (input gradient) and 340 GFLOP/s (weight gradient), in
+IEEE float32 (measured 2026-11-26, 2 threads, ``benchmarks/onednn_learner.py``). The
+transposed operands of the two gradient products go in as strided views, without copies.
+
+``linear`` is that product as an autograd function. The score network's residual blocks
+use it for their fc1/fc2 while training on the CPU in float32 (``BlockLinear`` in
+networks.py); the narrower 256-wide layers stay on MKL, which is as fast there.
+``training_products(False)`` turns it off (the benchmarks' plain-PyTorch baseline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_enabled = True
+
+
+@functools.cache
+def available() -> bool:
+    """Whether oneDNN's fused linear ops are usable in this torch build."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8), 4)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(4, 8), w, None, "relu", [], "")
+        torch.ops.mkldnn._linear_pointwise(
+            torch.ones(8, 4).t(), torch.ones(8, 8), None, "none", [], ""
+        )
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
+def training_enabled() -> bool:
+    """Whether training products go to oneDNN (available and not turned off)."""
+    return _enabled and available()
+
+
+@contextlib.contextmanager
+def training_products(enabled: bool) -> Iterator[None]:
+    """Turn oneDNN training products on or off inside the block (process-wide)."""
+    global _enabled
+    old, _enabled = _enabled, bool(enabled)
+    try:
+        yield
+    finally:
+        _enabled = old
+
+
+def _mm_t(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b.T on oneDNN (a (M, K), b (N, K), either may be a strided view)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x2, weight = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if not dy2.is_contiguous():
+            dy2 = dy2.contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _mm_t(dy2, weight.t()).view(ctx.x_shape)  # dy @ W
+        if ctx.needs_input_grad[1]:
+            dw = _mm_t(dy2.t(), x2.t())  # dy^T @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return dx, dw, db
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` (float32, CPU) with forward and both gradient products on oneDNN."""
+    return _Linear.apply(x, weight, bias)  # type: ignore[no-any-return]
