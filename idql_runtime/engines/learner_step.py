@@ -303,7 +303,8 @@ class LearnerStep:
         self.agent, self.batch_size = agent, batch_size
         self.device = next(agent.parameters()).device
         if backend == "auto":
-            backend = "cuda_graph" if self.device.type == "cuda" else "compile"
+            # on the CPU compile measured slower than eager (47.6 vs 33.8 ms, batch 512)
+            backend = "cuda_graph" if self.device.type == "cuda" else "eager"
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
         if "cuda_graph" in backend and self.device.type != "cuda":
