@@ -39,7 +39,7 @@ from idql_runtime.checkpoint import (
     save_checkpoint,
 )
 from idql_runtime.config import Config, config_from_flat, parse_overrides
-from idql_runtime.engines.learner_step import LearnerStep, learner_step_for
+from idql_runtime.engines.learner_step import AgentUpdate, LearnerStep
 from idql_runtime.envs import RewardTransform
 from idql_runtime.replay import MixedSampler, ReplaySampler, ReplayStore
 from idql_runtime.trainer import prepare_batch
@@ -197,9 +197,14 @@ class OnlineLearner:
         self.store_healthy = True
         self.generator = torch.Generator(device=agent.device).manual_seed(seed)
         # train.learner_backend: a LearnerStep (actor + V + Q with online.finetune_actor,
-        # else V + Q) or None for Agent.update / critic_update; built on the first update
-        self._fast: LearnerStep | None = None
-        self._fast_built = False
+        # else V + Q) or the agent's update / critic_update
+        self.updater = AgentUpdate(
+            agent,
+            cfg.online.batch_size,
+            actor=cfg.online.finetune_actor,
+            generator=self.generator,
+            train=cfg.train,
+        )
         self._last_metrics: dict[str, float] | torch.Tensor = {}
         self.last_checkpoint = time.monotonic()
         self.checkpointed_updates: int | None = None  # `updates` of a checkpoint in run_dir
@@ -345,13 +350,7 @@ class OnlineLearner:
                 self.cfg.train.action_clip,
                 self.agent.device,
             )
-            fast = self.learner_step
-            if fast is not None:
-                self._last_metrics = fast.step(batch)  # a device tensor: no sync per update
-            elif o.finetune_actor:
-                self._last_metrics = self.agent.update(batch, self.generator)
-            else:
-                self._last_metrics = self.agent.critic_update(batch)
+            self._last_metrics = self.updater.update(batch)  # no sync for a LearnerStep
             self.updates += 1
             self.owed_updates -= 1
             if self.updates % o.publish_every == 0:
@@ -361,29 +360,12 @@ class OnlineLearner:
     @property
     def learner_step(self) -> LearnerStep | None:
         """The fast update step in use (None: the agent's reference updates)."""
-        if not self._fast_built:
-            self._fast = learner_step_for(
-                self.agent,
-                self.cfg.online.batch_size,
-                actor=self.cfg.online.finetune_actor,
-                generator=self.generator,
-                train=self.cfg.train,
-            )
-            self._fast_built = True
-            log.info(
-                "update step: %s",
-                "Agent (reference)" if self._fast is None else f"LearnerStep {self._fast.backend}",
-            )
-        return self._fast
+        return self.updater.step
 
     @property
     def last_metrics(self) -> dict[str, float]:
         """The newest update's losses as floats (empty before the first update)."""
-        m = self._last_metrics
-        if isinstance(m, dict):
-            return m
-        assert self._fast is not None
-        return self._fast.floats(m)
+        return self.updater.floats(self._last_metrics)
 
     def publish(self) -> None:
         # Above every version an actor reports holding (heartbeats), so that weights
@@ -414,8 +396,7 @@ class OnlineLearner:
         if self.checkpointed_updates == self.updates:
             self.last_checkpoint = time.monotonic()
             return None
-        if self._fast is not None:
-            self._fast.sync_to_agent()  # optimiser moments and step counts into the agent
+        self.updater.sync_to_agent()  # a LearnerStep's optimiser state into the agent
         path = save_checkpoint(
             self.run_dir / "checkpoints",
             self.updates,

@@ -21,7 +21,7 @@ import torch
 from idql_runtime.agent import Agent, to_tensors
 from idql_runtime.checkpoint import load_checkpoint, restore_agent, save_checkpoint
 from idql_runtime.config import Config
-from idql_runtime.engines.learner_step import LearnerStep, learner_step_for
+from idql_runtime.engines.learner_step import AgentUpdate, LearnerStep
 from idql_runtime.envs import RewardTransform, reference_scores
 from idql_runtime.evaluation import Policy, evaluate
 from idql_runtime.replay import ReplaySampler, ReplayStore
@@ -86,10 +86,7 @@ class OfflineTrainer:
         self.ref = reference_scores(self.env_id, store.attrs)
         self.transform = fit_reward_transform(store, t.reward_transform)
         self.agent = Agent(cfg, store.obs_dim, store.act_dim, device=self.device)
-        # The fast update step (train.learner_backend), built on first use so that it
-        # starts from a resumed agent's optimiser state; None after building = reference.
-        self._fast: LearnerStep | None = None
-        self._fast_built = False
+        self.updater = self._updater()
         self.iteration = 0
         self.history: list[dict[str, float]] = []
 
@@ -113,8 +110,7 @@ class OfflineTrainer:
         }
 
     def save(self) -> Path:
-        if self._fast is not None:
-            self._fast.sync_to_agent()  # moments, step counts, LR position into the agent
+        self.updater.sync_to_agent()  # a LearnerStep's moments, step counts, LR position
         tensors = {
             "rng.torch_global": torch.get_rng_state(),
             "rng.loss_generator": self.generator.get_state(),
@@ -142,7 +138,7 @@ class OfflineTrainer:
             return False
         ckpt = load_checkpoint(root)
         self.agent = restore_agent(ckpt, self.device)
-        self._fast, self._fast_built = None, False  # rebuilt on the restored agent
+        self.updater = self._updater()  # on the restored agent and its optimiser state
         self.iteration = ckpt.iteration
         self.transform = RewardTransform.from_dict(ckpt.meta["reward_transform"])
         torch.set_rng_state(ckpt.train_tensors["rng.torch_global"])
@@ -155,28 +151,18 @@ class OfflineTrainer:
         return True
 
     # ------------------------------------------------------------- loop
+    def _updater(self) -> AgentUpdate:
+        t = self.cfg.train
+        return AgentUpdate(self.agent, t.batch_size, generator=self.generator, train=t)
+
     @property
     def learner_step(self) -> LearnerStep | None:
         """The fast update step in use (None: ``Agent.update``, the reference)."""
-        if not self._fast_built:
-            self._fast = learner_step_for(
-                self.agent,
-                self.cfg.train.batch_size,
-                generator=self.generator,
-                train=self.cfg.train,
-            )
-            self._fast_built = True
-            log.info(
-                "update step: %s",
-                "Agent.update (reference)"
-                if self._fast is None
-                else f"LearnerStep backend={self._fast.backend}",
-            )
-        return self._fast
+        return self.updater.step
 
     def step(self) -> dict[str, float]:
         """One iteration: sample a batch, update actor -> V -> Q."""
-        return self._as_floats(self._update())
+        return self.updater.floats(self._update())
 
     def _update(self) -> dict[str, float] | torch.Tensor:
         """One iteration; a LearnerStep's metrics stay a device tensor (no host sync)."""
@@ -184,16 +170,9 @@ class OfflineTrainer:
         batch = prepare_batch(
             self.train_sampler.sample(t.batch_size), self.transform, t.action_clip, self.device
         )
-        fast = self.learner_step
-        metrics = self.agent.update(batch, self.generator) if fast is None else fast.step(batch)
+        metrics = self.updater.update(batch)
         self.iteration += 1
         return metrics
-
-    def _as_floats(self, metrics: dict[str, float] | torch.Tensor) -> dict[str, float]:
-        if isinstance(metrics, dict):
-            return metrics
-        assert self._fast is not None
-        return self._fast.floats(metrics)
 
     def validation_metrics(self, batch_size: int = 512) -> dict[str, float]:
         """Losses on held-out rows without updating anything (no RNG of training is used)."""
@@ -257,7 +236,7 @@ class OfflineTrainer:
                 raw = self._update()
                 bar.update(1)
                 if self.iteration % t.log_interval == 0 or self.iteration == total:
-                    m = self._as_floats(raw)
+                    m = self.updater.floats(raw)
                     elapsed = time.perf_counter() - t0
                     m["its_per_s"] = (self.iteration - it0) / max(elapsed, 1e-9)
                     m.update(self.validation_metrics())

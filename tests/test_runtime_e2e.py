@@ -76,7 +76,7 @@ def test_learner_and_three_actors_exactly_once(
     assert len(store) == total_acked
     final = lrn.find("learner_final")[0]
     assert final["duplicates"] == 0 and final["rows"] == total_acked and final["policy_version"] > 1
-    assert "update step: LearnerStep eager" in lrn.stderr()
+    assert "update step: LearnerStep backend=eager" in lrn.stderr()
     assert final["updates"] >= 20 and np.isfinite(final["q_loss"]) and np.isfinite(final["v_loss"])
     assert (tmp_path / "run" / "checkpoints").is_dir()
 

@@ -113,6 +113,70 @@ def learner_step_for(
     )
 
 
+class AgentUpdate:
+    """idql-learner's update (offline and online): the ``LearnerStep`` that
+    ``train.learner_backend`` asks for, or the agent's reference update. The step is built
+    on the first update, so it starts from a resumed agent's optimiser state.
+
+    ``update(batch)`` returns a LearnerStep's metrics as a device tensor (no host sync per
+    iteration) or the reference's floats; ``floats`` turns either into ``{name: float}``;
+    ``sync_to_agent`` (before a checkpoint) writes a step's optimiser state into the agent.
+    """
+
+    def __init__(
+        self,
+        agent: Any,
+        batch_size: int,
+        *,
+        actor: bool = True,
+        generator: torch.Generator | None = None,
+        train: Any = None,
+    ) -> None:
+        self.agent, self.batch_size, self.actor = agent, batch_size, actor
+        self.generator, self.train = generator, train
+        self._step: LearnerStep | None = None
+        self._built = False
+
+    @property
+    def step(self) -> LearnerStep | None:
+        """The LearnerStep in use, None for the reference (built here on first use)."""
+        if not self._built:
+            self._step = learner_step_for(
+                self.agent,
+                self.batch_size,
+                actor=self.actor,
+                generator=self.generator,
+                train=self.train,
+            )
+            self._built = True
+            ref = "Agent.update" if self.actor else "Agent.critic_update"
+            log.info(
+                "update step: %s",
+                f"{ref} (reference)"
+                if self._step is None
+                else f"LearnerStep backend={self._step.backend}",
+            )
+        return self._step
+
+    def update(self, batch: dict[str, Tensor]) -> dict[str, float] | Tensor:
+        step = self.step
+        if step is not None:
+            return step.step(batch)
+        if self.actor:
+            return self.agent.update(batch, self.generator)  # type: ignore[no-any-return]
+        return self.agent.critic_update(batch)  # type: ignore[no-any-return]
+
+    def floats(self, metrics: dict[str, float] | Tensor) -> dict[str, float]:
+        if isinstance(metrics, dict):
+            return metrics
+        assert self._step is not None
+        return self._step.floats(metrics)
+
+    def sync_to_agent(self) -> None:
+        if self._step is not None:
+            self._step.sync_to_agent()
+
+
 # ---------------------------------------------------------------- losses (pure functions)
 def actor_loss(
     score: nn.Module, alpha_bars: Tensor, obs: Tensor, action: Tensor, t: Tensor, eps: Tensor
