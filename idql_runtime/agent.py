@@ -195,6 +195,14 @@ class Agent(nn.Module):
         ).eval()
 
     # ---------------------------------------------------------------- weights
+    def nonfinite_tensors(self) -> list[str]:
+        """Names of the parameters and buffers holding NaN or inf (one device sync)."""
+        named = [(k, v) for k, v in self.state_dict().items() if v.is_floating_point()]
+        if not named:
+            return []
+        ok = torch.stack([torch.isfinite(v).all() for _, v in named]).cpu()
+        return [k for (k, _), good in zip(named, ok.tolist(), strict=True) if not good]
+
     def inference_state(self) -> dict[str, Tensor]:
         """The tensors an actor needs (what checkpoints deploy and the learner broadcasts)."""
         out = {f"score_ema.{k}": v for k, v in self.score_ema.state_dict().items()}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -34,6 +35,7 @@ import torch
 from idql_runtime.agent import Agent
 from idql_runtime.checkpoint import (
     CheckpointError,
+    list_checkpoints,
     load_checkpoint,
     restore_agent,
     save_checkpoint,
@@ -166,8 +168,14 @@ class OnlineLearner:
         policy_version: int = 0,
         updates: int = 0,
         seed: int = 0,
+        rollback_from: str | os.PathLike[str] | None = None,
     ) -> None:
         self.cfg, self.agent, self.store, self.link = cfg, agent, store, link
+        # where to roll back to when the weights turn non-finite and run_dir has no
+        # checkpoint yet (idql-learner passes --pretrained)
+        self.rollback_from = rollback_from
+        self.training_paused = False
+        self._rollbacks_in_a_row = 0
         self.run_dir, self.transform, self.meta = run_dir, transform, meta
         self.policy_version, self.updates = policy_version, updates
         committed = store.commit_meta if hasattr(store, "commit_meta") else {}
@@ -193,18 +201,13 @@ class OnlineLearner:
             "append_failures": 0,
             "bad_batches": 0,
             "actors_dead": 0,
+            "rollbacks": 0,
         }
         self.store_healthy = True
         self.generator = torch.Generator(device=agent.device).manual_seed(seed)
         # train.learner_backend: a LearnerStep (actor + V + Q with online.finetune_actor,
         # else V + Q) or the agent's update / critic_update
-        self.updater = AgentUpdate(
-            agent,
-            cfg.online.batch_size,
-            actor=cfg.online.finetune_actor,
-            generator=self.generator,
-            train=cfg.train,
-        )
+        self.updater = self._updater()
         self._last_metrics: dict[str, float] | torch.Tensor = {}
         self.last_checkpoint = time.monotonic()
         self.checkpointed_updates: int | None = None  # `updates` of a checkpoint in run_dir
@@ -338,7 +341,7 @@ class OnlineLearner:
     def train(self) -> int:
         """Run the updates owed by the update-to-data ratio (capped per call)."""
         o = self.cfg.online
-        if len(self.store) < o.warmup_transitions:
+        if len(self.store) < o.warmup_transitions or self.training_paused:
             self.owed_updates = 0.0
             return 0
         self.sampler.refresh()
@@ -356,6 +359,16 @@ class OnlineLearner:
             if self.updates % o.publish_every == 0:
                 self.publish()
         return todo
+
+    def _updater(self) -> AgentUpdate:
+        o = self.cfg.online
+        return AgentUpdate(
+            self.agent,
+            o.batch_size,
+            actor=o.finetune_actor,
+            generator=self.generator,
+            train=self.cfg.train,
+        )
 
     @property
     def learner_step(self) -> LearnerStep | None:
@@ -376,7 +389,6 @@ class OnlineLearner:
             if isinstance(v := st.last_heartbeat.get("weights_version", -1), int)
             and v < MAX_HELD_VERSION
         ]
-        self.policy_version = max([self.policy_version, *held]) + 1
         groups = (
             ("q_target.", "v.", "score_ema.")
             if self.cfg.online.finetune_actor
@@ -387,7 +399,46 @@ class OnlineLearner:
             for k, v in self.agent.inference_state().items()
             if k.startswith(groups)
         }
+        bad = [k for k, v in tensors.items() if not np.isfinite(v).all()]
+        if bad:  # never sent: the actors keep the last good weights
+            self.roll_back(f"weights to publish ({', '.join(bad[:3])})")
+            return
+        self._rollbacks_in_a_row = 0
+        self.policy_version = max([self.policy_version, *held]) + 1
         self.link.publish_weights(self.policy_version, tensors)
+
+    def roll_back(self, what: str) -> bool:
+        """Non-finite weights after ``updates`` updates: reload the newest checkpoint of
+        this run (else ``rollback_from``) with its optimiser state and go on from there;
+        after 3 roll-backs with no good publish between them, or with nothing to roll back
+        to, updates stop (ingest goes on; the actors keep the last published weights)."""
+        self.counters["rollbacks"] += 1
+        self._rollbacks_in_a_row += 1
+        source: str | os.PathLike[str] | None = None
+        if list_checkpoints(self.run_dir / "checkpoints"):
+            source = self.run_dir / "checkpoints"
+        elif self.rollback_from is not None:
+            source = self.rollback_from
+        if source is None or self._rollbacks_in_a_row > 3:
+            self.training_paused = True
+            log.error(
+                "non-finite %s after %d updates and %s: updates stop (ingest goes on, actors "
+                "keep the last published weights)",
+                what,
+                self.updates,
+                "nothing to roll back to" if source is None else "3 roll-backs in a row",
+            )
+            return False
+        ckpt = load_checkpoint(source)
+        agent = restore_agent(ckpt, self.agent.device, optimisers=True)
+        agent.cfg = self.cfg
+        self.agent = agent
+        self.updater = self._updater()  # a new step on the restored parameters
+        self._last_metrics = {}
+        log.error(
+            "non-finite %s after %d updates: rolled back to %s", what, self.updates, ckpt.path
+        )
+        return True
 
     # ------------------------------------------------------------ persistence
     def checkpoint(self) -> Path | None:
@@ -395,6 +446,11 @@ class OnlineLearner:
         rewriting the same ``ckpt_<updates>`` would delete it before the new one lands."""
         if self.checkpointed_updates == self.updates:
             self.last_checkpoint = time.monotonic()
+            return None
+        bad = self.agent.nonfinite_tensors()
+        if bad:  # a good checkpoint is never replaced by a diverged one
+            self.last_checkpoint = time.monotonic()
+            self.roll_back(f"weights to checkpoint ({', '.join(bad[:3])})")
             return None
         self.updater.sync_to_agent()  # a LearnerStep's optimiser state into the agent
         path = save_checkpoint(
@@ -431,6 +487,7 @@ class OnlineLearner:
             "policy_version": self.policy_version,
             **self.counters,
             "store_healthy": self.store_healthy,
+            "training_paused": self.training_paused,
             "actors_live": len(getattr(self.link, "actors", lambda: {})()),
             "truncated_episodes": len(self.truncated_episodes),
             "actors": {
@@ -561,6 +618,7 @@ def run_online_learner(args: Namespace) -> int:
         policy_version=int(tj.get("policy_version", 0)),
         updates=int(tj.get("updates", 0)),
         seed=cfg.train.seed,
+        rollback_from=args.pretrained,
     )
     if resumed:
         learner.checkpointed_updates = learner.updates

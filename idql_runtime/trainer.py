@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -27,6 +28,10 @@ from idql_runtime.evaluation import Policy, evaluate
 from idql_runtime.replay import ReplaySampler, ReplayStore
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or a weight became NaN/inf: the run stops before it checkpoints the damage."""
 
 
 def prepare_batch(
@@ -110,6 +115,13 @@ class OfflineTrainer:
         }
 
     def save(self) -> Path:
+        bad = self.agent.nonfinite_tensors()
+        if bad:  # the newest good checkpoint stays the newest
+            raise TrainingDiverged(
+                f"non-finite weights at iteration {self.iteration} ({', '.join(bad[:3])}); "
+                f"not checkpointed: resume from the newest checkpoint in "
+                f"{self.run_dir / 'checkpoints'} with a lower learning rate"
+            )
         self.updater.sync_to_agent()  # a LearnerStep's moments, step counts, LR position
         tensors = {
             "rng.torch_global": torch.get_rng_state(),
@@ -237,6 +249,13 @@ class OfflineTrainer:
                 bar.update(1)
                 if self.iteration % t.log_interval == 0 or self.iteration == total:
                     m = self.updater.floats(raw)
+                    bad = [k for k, v in m.items() if not math.isfinite(v)]
+                    if bad:
+                        raise TrainingDiverged(
+                            f"{bad[0]} = {m[bad[0]]} at iteration {self.iteration}; stopped "
+                            f"before checkpointing it (newest good checkpoint in "
+                            f"{self.run_dir / 'checkpoints'})"
+                        )
                     elapsed = time.perf_counter() - t0
                     m["its_per_s"] = (self.iteration - it0) / max(elapsed, 1e-9)
                     m.update(self.validation_metrics())

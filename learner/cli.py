@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"idql-learner: config error: {e}", file=sys.stderr)
         return 2
     from idql_runtime.datasets import open_dataset
-    from idql_runtime.trainer import OfflineTrainer
+    from idql_runtime.trainer import OfflineTrainer, TrainingDiverged
 
     store = open_dataset(args.dataset)
     trainer = OfflineTrainer(
@@ -122,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.resume and trainer.resume():
         print(f"resumed at iteration {trainer.iteration}", file=sys.stderr)
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    except TrainingDiverged as e:
+        print(f"idql-learner: training diverged: {e}", file=sys.stderr)
+        return 1
     ckpt = trainer.run_dir / "checkpoints"
     print(f"done: {result['iteration']} iterations; checkpoints in {ckpt}")
     return 0

@@ -254,3 +254,111 @@ def test_gpu_trainer_auto_uses_the_cuda_graph_step(hopper_store_path: Path, tmp_
     for a, b in zip(straight, resumed, strict=True):
         for k in ("actor_loss", "v_loss", "q_loss"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (k, a[k], b[k])
+
+
+def _poison(agent, net: str = "q") -> None:
+    with torch.no_grad():
+        next(getattr(agent, net).parameters()).view(-1)[0] = float("nan")
+
+
+def test_offline_run_stops_on_nonfinite_and_keeps_the_good_checkpoint(
+    hopper_store_path: Path, tmp_path: Path
+) -> None:
+    """A NaN weight (injected) makes the next logged loss NaN: run() raises naming it and
+    writes no checkpoint of it; save() refuses too, naming the tensor."""
+    from idql_runtime.trainer import TrainingDiverged
+
+    tr = _trainer(hopper_store_path, tmp_path, **{"train.log_interval": 5})
+    tr.run(20)  # checkpoint at 20 (train.checkpoint_interval)
+    _poison(tr.agent)
+    with pytest.raises(TrainingDiverged, match=r"(q|v)_loss = nan at iteration 25"):
+        tr.run(40)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt_*")) == ["ckpt_000000020"]
+    with pytest.raises(TrainingDiverged, match=r"non-finite weights at iteration 25 \(q\."):
+        tr.save()
+
+
+class _RecordingLink:
+    """The learner link's publish side, recorded (the rest of the link is not used)."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[int, dict]] = []
+
+    def publish_weights(self, version: int, tensors: dict) -> None:
+        self.published.append((version, tensors))
+
+
+def test_online_learner_never_ships_or_checkpoints_nonfinite_weights(
+    hopper_store_path: Path, tmp_path: Path
+) -> None:
+    """Non-finite weights at a publish or a checkpoint: nothing is sent or saved, the
+    learner rolls back to its newest checkpoint (weights and optimiser state) and goes on;
+    after 3 roll-backs with no good publish between them it stops updating."""
+    from idql_runtime.agent import Agent
+    from idql_runtime.envs import RewardTransform
+    from idql_runtime.online import OnlineLearner
+
+    cfg = load_config(overrides={**TINY, "online.warmup_transitions": 10, "online.batch_size": 32})
+    store = ReplayStore.open(hopper_store_path)
+    link = _RecordingLink()
+
+    def learner(run_dir: Path, rollback_from: Path | None = None) -> OnlineLearner:
+        return OnlineLearner(
+            cfg,
+            Agent(cfg, store.obs_dim, store.act_dim),
+            store,
+            None,
+            link,
+            run_dir,
+            RewardTransform.from_dict({"kind": "none", "scale": 1.0, "shift": 0.0}),
+            meta={"obs_dim": store.obs_dim, "act_dim": store.act_dim},
+            rollback_from=rollback_from,
+        )
+
+    # nothing to roll back to (no checkpoint in the run, no --pretrained): updates stop
+    lone = learner(tmp_path / "lone")
+    _poison(lone.agent, "q_target")
+    lone.publish()
+    assert lone.training_paused and link.published == []
+
+    ln = learner(tmp_path / "run")
+    ln.owed_updates = 5.0
+    ln.train()
+    assert ln.checkpoint() is not None
+    good = {k: v.clone() for k, v in ln.agent.state_dict().items()}
+    ln.publish()
+    assert [v for v, _ in link.published] == [1]
+
+    _poison(ln.agent, "q_target")
+    ln.publish()
+    assert [v for v, _ in link.published] == [1]  # nothing sent
+    assert ln.counters["rollbacks"] == 1 and not ln.training_paused
+    for k, v in ln.agent.state_dict().items():
+        assert torch.equal(v, good[k]), k  # back on the checkpoint's weights
+    assert float(ln.agent.v_opt.state[next(ln.agent.v.parameters())]["step"]) == 5
+    ln.owed_updates = 3.0
+    assert ln.train() == 3 and not ln.agent.nonfinite_tensors()
+    ln.publish()
+    assert [v for v, _ in link.published] == [1, 2]
+
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("ckpt_*"))
+    _poison(ln.agent, "q_target")
+    assert ln.checkpoint() is None  # refused, and rolled back
+    assert sorted((tmp_path / "run" / "checkpoints").glob("ckpt_*")) == ckpts
+    assert ln.counters["rollbacks"] == 2 and not ln.agent.nonfinite_tensors()
+
+    for _ in range(3):  # 3 more in a row (no good publish between): updates stop
+        _poison(ln.agent, "q_target")
+        ln.publish()
+    assert ln.training_paused and ln.status()["training_paused"]
+    ln.owed_updates = 4.0
+    assert ln.train() == 0
+    assert [v for v, _ in link.published] == [1, 2]
+
+    # a fresh run with no checkpoint of its own rolls back to --pretrained
+    fresh = learner(tmp_path / "fresh", rollback_from=tmp_path / "run" / "checkpoints")
+    _poison(fresh.agent, "q_target")
+    fresh.publish()
+    assert fresh.counters["rollbacks"] == 1 and not fresh.training_paused
+    for k, v in fresh.agent.state_dict().items():
+        assert torch.equal(v, good[k]), k
