@@ -18,6 +18,7 @@ from idql_runtime.engines.learner_step import (
     CRITIC_METRICS,
     METRICS,
     LearnerStep,
+    _same_device,
     learner_step_for,
     parse_backend_spec,
 )
@@ -185,6 +186,9 @@ def test_config_picks_the_update_step() -> None:
         learner_step_for(
             Agent(_config(tiny=True, learner_backend="reference", tf32=True), 17, 6), 8
         )
+    # a trainer's generator on "cuda" matches an agent on "cuda:0" (the index-less current)
+    assert _same_device("cuda", "cuda:0") and _same_device("cpu", "cpu")
+    assert not _same_device("cuda:1", "cuda:0") and not _same_device("cpu", "cuda")
     with pytest.raises(ValueError, match="actor=False has none"):
         LearnerStep(Agent(_config(tiny=True), 17, 6), 8, actor=False, overlap=True)
 
@@ -275,3 +279,26 @@ def test_gpu_tf32_step_stays_close_to_float32_update() -> None:
         _config(dropout=0.0), "cuda_graph", device="cuda", rows=512, steps=5, precision="high"
     )
     _assert_same(ref, fast, m_ref, m_fast, atol=3e-3, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_critic_only_step_equals_critic_update() -> None:
+    """The online learner's GPU default: V + Q only (actor=False) in one CUDA graph, batch
+    256, 5 steps, against Agent.critic_update on the same GPU; the loss-noise generator
+    is the caller's and is not drawn from. Written without a GPU (2026-11-26, fourth
+    session); not yet run on one."""
+    ref, fast = _pair(_config(), "cuda")
+    batch = _batch(256, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    before = gen.get_state()
+    step = LearnerStep(fast, 256, backend="cuda_graph", actor=False, generator=gen)
+    m_ref = [ref.critic_update(batch) for _ in range(5)]
+    m_fast = [step.update(batch) for _ in range(5)]
+    assert torch.equal(gen.get_state(), before)
+    for (name, p), q in zip(ref.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    for a, b in zip(m_ref, m_fast, strict=True):
+        for k in CRITIC_METRICS:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-4), k
+    with pytest.raises(ValueError, match="generator is on cpu, the agent on cuda"):
+        LearnerStep(fast, 8, generator=torch.Generator())

@@ -66,6 +66,12 @@ def parse_backend_spec(text: str) -> dict[str, Any]:
     }
 
 
+def _same_device(a: Any, b: Any) -> bool:
+    """Same device type and, where both name one, the same index ("cuda" is the current)."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def learner_step_for(
     agent: Any,
     batch_size: int,
@@ -393,7 +399,7 @@ class LearnerStep:
         self.metrics = METRICS if self.actor else CRITIC_METRICS
         # the actor's branch (``_iteration``); None: one stream, in Agent.update's order
         self._branch = torch.cuda.Stream(device=self.device) if self.overlap else None
-        if generator is not None and torch.device(generator.device) != self.device:
+        if generator is not None and not _same_device(generator.device, self.device):
             raise ValueError(
                 f"the loss-noise generator is on {generator.device}, the agent on {self.device}"
             )
