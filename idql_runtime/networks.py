@@ -62,8 +62,8 @@ class BlockLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if (
-            not torch.compiler.is_compiling()  # first: dynamo folds it and stops here
-            and self.training
+            self.training  # first: inference (the eager decision) stops at one attribute
+            and not torch.compiler.is_compiling()  # dynamo folds it and stops here
             and x.dtype == torch.float32
             and x.device.type == "cpu"
             and torch.is_grad_enabled()

@@ -58,9 +58,9 @@ def training_products(enabled: bool) -> Iterator[None]:
         _enabled = old
 
 
-def _mm_t(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b.T on oneDNN (a (M, K), b (N, K), either may be a strided view)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+def _mm_t(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """a @ b.T (+ bias) on oneDNN (a (M, K), b (N, K), either may be a strided view)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 
 
 class _Linear(torch.autograd.Function):
@@ -69,15 +69,12 @@ class _Linear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(x2, weight)
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return _mm_t(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x2, weight = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if not dy2.is_contiguous():
-            dy2 = dy2.contiguous()
+        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = _mm_t(dy2, weight.t()).view(ctx.x_shape)  # dy @ W

@@ -407,7 +407,7 @@ class OnlineLearner:
         self.policy_version = max([self.policy_version, *held]) + 1
         self.link.publish_weights(self.policy_version, tensors)
 
-    def roll_back(self, what: str) -> bool:
+    def roll_back(self, what: str) -> None:
         """Non-finite weights after ``updates`` updates: reload the newest checkpoint of
         this run (else ``rollback_from``) with its optimiser state and go on from there;
         after 3 roll-backs with no good publish between them, or with nothing to roll back
@@ -428,7 +428,7 @@ class OnlineLearner:
                 self.updates,
                 "nothing to roll back to" if source is None else "3 roll-backs in a row",
             )
-            return False
+            return
         ckpt = load_checkpoint(source)
         agent = restore_agent(ckpt, self.agent.device, optimisers=True)
         agent.cfg = self.cfg
@@ -438,7 +438,6 @@ class OnlineLearner:
         log.error(
             "non-finite %s after %d updates: rolled back to %s", what, self.updates, ckpt.path
         )
-        return True
 
     # ------------------------------------------------------------ persistence
     def checkpoint(self) -> Path | None:

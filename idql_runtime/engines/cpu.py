@@ -28,12 +28,6 @@ from idql_runtime import onednn
 from idql_runtime.decision import DecisionNoise, DecisionOutput, DecisionSpec, select_index
 from idql_runtime.engines.base import Engine, to_output
 
-
-def onednn_available() -> bool:
-    """Whether oneDNN's fused linear ops are usable in this torch build."""
-    return onednn.available()
-
-
 _POST_OPS = {nn.SiLU: "swish", nn.ReLU: "relu"}
 
 
@@ -76,7 +70,7 @@ class CpuEngine(Engine):
             raise ValueError(f"the cpu engine supports float32 and bfloat16, not {self.dtype}")
         if threads is not None:
             torch.set_num_threads(threads)
-        self.onednn = onednn_available()
+        self.onednn = onednn.available()
         self.info.update(
             backend="onednn" if self.onednn else "aten", threads=torch.get_num_threads()
         )

@@ -382,12 +382,11 @@ class LearnerStep:
                 f"backend {backend!r} needs the agent on a CUDA device, not {self.device}"
             )
         self.backend = backend
-        if actor not in (True, False):
-            raise ValueError(f"actor must be true or false, got {actor!r}")
+        for name, flag in (("actor", actor), ("overlap", overlap)):
+            if flag not in (True, False):
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
         if overlap and not actor:
             raise ValueError("overlap=True runs the actor beside the critic; actor=False has none")
-        if overlap not in (True, False):
-            raise ValueError(f"overlap must be true or false, got {overlap!r}")
         if overlap and self.device.type != "cuda":
             raise ValueError(
                 f"overlap=True runs the actor on a second CUDA stream: the agent is on "
@@ -404,7 +403,9 @@ class LearnerStep:
                 f"the loss-noise generator is on {generator.device}, the agent on {self.device}"
             )
         # the caller's generator (a trainer's, whose state its checkpoints keep) or our own
-        self.generator = generator or torch.Generator(device=self.device).manual_seed(seed)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = generator
 
         self._p_actor = list(agent.score.parameters())
         self._p_ema = list(agent.score_ema.parameters())
