@@ -14,13 +14,14 @@
 #   2. the gpu-marked tests (triton's parity against float64, cuda_graph, learner step,
 #      idql-learner's GPU default in the trainer);
 #   2b. idql-learner --dataset end to end on the GPU: steady iterations/s with
-#      train.learner_backend auto (the captured step) and reference (Agent.update), host
-#      sampling and batch copies included (does the data path matter next to the step?);
+#      train.learner_backend auto (the captured step) on device batches (the default
+#      there), auto on host batches (numpy sampler + pageable copies each iteration), and
+#      reference (Agent.update); then the host time per batch of either source;
 #   3. idql-bench on cuda: auto, cuda_graph and triton beside eager at every N, B (float32), learner;
 #   4. bf16 idql-bench at B=1 with torch.compile (max-autotune) if time is left;
 #   5. ncu on one bf16 block_kernel (stall reasons), if ncu is installed and time is left.
-# Run from the repository root on a CUDA machine; results land under $OUT (13 files:
-# sweep.jsonl, profile.jsonl, pytest_gpu.log, trainer.jsonl, bench/ and best/ {bench.json, latency_hist.png, table.txt},
+# Run from the repository root on a CUDA machine; results land under $OUT (14 files:
+# sweep.jsonl, profile.jsonl, pytest_gpu.log, trainer.jsonl, batch_source.json, bench/ and best/ {bench.json, latency_hist.png, table.txt},
 # learner/ {bench.json, table.txt}, ncu_block.txt).
 # Installs nothing.
 set -u
@@ -68,14 +69,16 @@ echo "rc=$?"
 
 echo "== 2. gpu-marked tests ($(left)s left) =="
 PER_TEST=""; $PY -c "import pytest_timeout" 2>/dev/null && PER_TEST="--timeout 120"
-timeout $(( $(left) / 2 )) $PY -m pytest -m gpu tests/test_triton_engine.py tests/test_engines.py tests/test_learner_step.py tests/test_trainer.py \
+timeout $(( $(left) / 2 )) $PY -m pytest -m gpu tests/test_triton_engine.py tests/test_engines.py tests/test_learner_step.py tests/test_trainer.py tests/test_batches.py \
   -v -p no:cacheprovider $PER_TEST > "$OUT/pytest_gpu.log" 2>&1  # -v: a cut log still names each result
 echo "rc=$?"; grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/pytest_gpu.log" | tail -40
 
-echo "== 2b. idql-learner --dataset on the GPU: auto vs reference, whole loop ($(left)s left) =="
-DEVICE=cuda ITERS=3000 PY=$PY WORK=/tmp/idql_trainer_tp timeout 100 \
-  bash benchmarks/trainer_throughput.sh auto reference > "$OUT/trainer.jsonl" 2>&1
+echo "== 2b. idql-learner --dataset on the GPU: auto (device batches) vs auto:host vs reference, whole loop ($(left)s left) =="
+DEVICE=cuda ITERS=3000 PY=$PY WORK=/tmp/idql_trainer_tp timeout 120 \
+  bash benchmarks/trainer_throughput.sh auto auto:host reference > "$OUT/trainer.jsonl" 2>&1
 echo "rc=$?"; cat "$OUT/trainer.jsonl"
+timeout 40 $PY benchmarks/batch_source.py --device cuda > "$OUT/batch_source.json" 2>&1
+echo "rc=$?"; cat "$OUT/batch_source.json"
 
 echo "== 3. idql-bench on cuda: auto, cuda_graph and triton beside eager (float32), learner ($(left)s left) =="
 timeout $(( $(left) - 60 )) $PY -m idql_runtime.cli.bench --device cuda --engines auto,cuda_graph,triton \

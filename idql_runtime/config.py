@@ -151,9 +151,16 @@ class TrainConfig:
         "on a GPU for IDQL, reference otherwise",
     )
     tf32: bool = _f(False, "TF32 matmuls in the learner step on a GPU (faster, ~1e-3 rel.)")
+    batch_source: str = _f(
+        "auto",
+        "where offline batches come from: host (numpy sampler, copied each iteration) or "
+        "device (the training rows resident on the device, drawn there); auto = device on "
+        "a GPU when the rows take <= 25 % of its memory, host otherwise",
+    )
 
     def validate(self) -> None:
         _choice("train.algo", self.algo, ("idql", "iql_awr", "bc"))
+        _choice("train.batch_source", self.batch_source, ("auto", "host", "device"))
         _choice(
             "train.learner_backend",
             self.learner_backend,

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from idql_runtime.agent import Agent
+from idql_runtime.batches import prepare_batch
 from idql_runtime.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -44,7 +45,6 @@ from idql_runtime.config import Config, config_from_flat, parse_overrides
 from idql_runtime.engines.learner_step import AgentUpdate, LearnerStep
 from idql_runtime.envs import RewardTransform
 from idql_runtime.replay import MixedSampler, ReplaySampler, ReplayStore
-from idql_runtime.trainer import prepare_batch
 
 log = logging.getLogger(__name__)
 

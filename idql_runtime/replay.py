@@ -947,6 +947,13 @@ class ReplaySampler:
     def _sample_with(self, rng: np.random.Generator, batch_size: int) -> dict[str, np.ndarray]:
         return self._mirror.gather(self._draw(rng, batch_size))
 
+    def take(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows at ``positions`` (0 .. len - 1) of this sampler's own row order."""
+        pos = np.asarray(positions, dtype=np.int64)
+        if len(pos) and (pos.min() < 0 or pos.max() >= len(self)):
+            raise IndexError(f"positions reach outside this sampler's {len(self)} rows")
+        return self._mirror.gather(pos if self._indices is None else self._indices[pos])
+
     def sample(self, batch_size: int) -> dict[str, np.ndarray]:
         """A batch of ``batch_size`` rows drawn uniformly with replacement: obs (B, obs_dim),
         action (B, act_dim), reward (B,), next_obs, terminated, truncated (+ provenance)."""

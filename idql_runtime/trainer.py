@@ -1,8 +1,8 @@
 """Offline pretraining loop: sample, update, log, evaluate, checkpoint, resume exactly.
 
 Exact resume: a checkpoint holds the networks, optimiser moments, LR-schedule counter,
-the torch global RNG (dropout), the loss-noise generator and the batch sampler's numpy
-RNG, so iteration k+1.. after ``--resume`` computes the same losses as an uninterrupted
+the torch global RNG (dropout), the loss-noise generator, the batch sampler's numpy RNG
+and the device batch generator (``train.batch_source``, ``batches.py``), so iteration k+1.. after ``--resume`` computes the same losses as an uninterrupted
 run with the same seed (tests/test_trainer.py checks this).
 """
 
@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from idql_runtime.agent import Agent, to_tensors
+from idql_runtime.agent import Agent
+from idql_runtime.batches import (
+    DeviceBatches,
+    prepare_batch,
+    resident_bytes,
+    resolve_batch_source,
+)
 from idql_runtime.checkpoint import load_checkpoint, restore_agent, save_checkpoint
 from idql_runtime.config import Config
 from idql_runtime.engines.learner_step import AgentUpdate, LearnerStep
@@ -32,19 +38,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """A loss or a weight became NaN/inf: the run stops before it checkpoints the damage."""
-
-
-def prepare_batch(
-    batch: dict[str, np.ndarray],
-    transform: RewardTransform,
-    action_clip: float,
-    device: torch.device | str = "cpu",
-) -> dict[str, torch.Tensor]:
-    """Reward transform, D4RL action clip, numpy -> tensors."""
-    b = dict(batch)
-    b["reward"] = transform(np.asarray(b["reward"], dtype=np.float32))
-    b["action"] = np.clip(b["action"], -action_clip, action_clip)
-    return to_tensors(b, device)
 
 
 def fit_reward_transform(store: ReplayStore, kind: str) -> RewardTransform:
@@ -92,6 +85,15 @@ class OfflineTrainer:
         self.transform = fit_reward_transform(store, t.reward_transform)
         self.agent = Agent(cfg, store.obs_dim, store.act_dim, device=self.device)
         self.updater = self._updater()
+        # Device batches: a generator of their own (not the loss noise's stream), seeded
+        # apart from it; the rows are copied on the first draw (after a resume).
+        self.batch_generator = torch.Generator(device=self.device).manual_seed(
+            int(np.random.SeedSequence([t.seed, 1]).generate_state(1)[0])
+        )
+        nbytes = resident_bytes(len(self.train_sampler), store.obs_dim, store.act_dim)
+        self.batch_source, why = resolve_batch_source(t.batch_source, self.device, nbytes)
+        log.info("training batches: %s", why)
+        self.device_batches: DeviceBatches | None = None
         self.iteration = 0
         self.history: list[dict[str, float]] = []
 
@@ -126,6 +128,7 @@ class OfflineTrainer:
         tensors = {
             "rng.torch_global": torch.get_rng_state(),
             "rng.loss_generator": self.generator.get_state(),
+            "rng.batch_generator": self.batch_generator.get_state(),
         }
         train_json = {
             "train_sampler_rng": _sampler_rng(self.train_sampler).bit_generator.state,
@@ -155,6 +158,17 @@ class OfflineTrainer:
         self.transform = RewardTransform.from_dict(ckpt.meta["reward_transform"])
         torch.set_rng_state(ckpt.train_tensors["rng.torch_global"])
         self.generator.set_state(ckpt.train_tensors["rng.loss_generator"])
+        if "rng.batch_generator" in ckpt.train_tensors:
+            self.batch_generator.set_state(ckpt.train_tensors["rng.batch_generator"])
+        else:  # a checkpoint from before device batches: do not replay the first draws
+            self.batch_generator.manual_seed(
+                int(
+                    np.random.SeedSequence([self.cfg.train.seed, 1, ckpt.iteration]).generate_state(
+                        1
+                    )[0]
+                )
+            )
+        self.device_batches = None  # rebuilt with the restored reward transform
         tj = ckpt.meta["train_json"]
         _sampler_rng(self.train_sampler).bit_generator.state = tj["train_sampler_rng"]
         if self.val_sampler and tj.get("val_sampler_rng"):
@@ -178,13 +192,38 @@ class OfflineTrainer:
 
     def _update(self) -> dict[str, float] | torch.Tensor:
         """One iteration; a LearnerStep's metrics stay a device tensor (no host sync)."""
-        t = self.cfg.train
-        batch = prepare_batch(
-            self.train_sampler.sample(t.batch_size), self.transform, t.action_clip, self.device
-        )
-        metrics = self.updater.update(batch)
+        metrics = self.updater.update(self._train_batch())
         self.iteration += 1
         return metrics
+
+    def _train_batch(self) -> dict[str, torch.Tensor]:
+        t = self.cfg.train
+        if self.batch_source == "host":
+            return prepare_batch(
+                self.train_sampler.sample(t.batch_size), self.transform, t.action_clip, self.device
+            )
+        if self.device_batches is None:
+            try:
+                self.device_batches = DeviceBatches(
+                    self.train_sampler,
+                    self.transform,
+                    t.action_clip,
+                    self.device,
+                    self.batch_generator,
+                )
+            except torch.OutOfMemoryError:
+                if t.batch_source != "auto":
+                    raise
+                log.warning("training rows do not fit on %s: host batches", self.device)
+                self.batch_source = "host"
+                return self._train_batch()
+            log.info(
+                "%d training rows resident on %s (%.1f MiB)",
+                self.device_batches.rows,
+                self.device,
+                self.device_batches.nbytes / 2**20,
+            )
+        return self.device_batches.sample(t.batch_size, out=self.updater.batch_buffers())
 
     def validation_metrics(self, batch_size: int = 512) -> dict[str, float]:
         """Losses on held-out rows without updating anything (no RNG of training is used)."""

@@ -218,8 +218,11 @@ def test_online_learner_fast_step_matches_reference_and_checkpoints(
 def test_gpu_trainer_auto_uses_the_cuda_graph_step(hopper_store_path: Path, tmp_path: Path) -> None:
     """On a GPU, learner_backend=auto trains through the captured LearnerStep; 20
     iterations agree with Agent.update on the same GPU (dropout off: the graph draws its
-    own masks), and a save + resume carries on where the uninterrupted run goes. Written
-    without a GPU (2026-11-26, fourth session); not yet run on one."""
+    own masks), and a save + resume carries on where the uninterrupted run goes. Both runs
+    draw their batches on the GPU (batch_source auto = device there) from the same seed:
+    the reference gets fresh tensors, the captured step has them gathered straight into
+    its graph inputs. Written without a GPU (2026-11-26, fourth and fifth sessions); not
+    yet run on one."""
 
     def trainer(run_dir: Path, backend: str) -> OfflineTrainer:
         cfg = load_config(
@@ -238,10 +241,14 @@ def test_gpu_trainer_auto_uses_the_cuda_graph_step(hopper_store_path: Path, tmp_
         )  # fmt: skip
 
     ref = trainer(tmp_path / "ref", "reference")
+    assert ref.batch_source == "device"
     h_ref = ref.run(20)["history"]
+    assert ref.updater.batch_buffers() is None
     fast = trainer(tmp_path / "fast", "auto")
     assert fast.learner_step is not None and fast.learner_step.backend == "cuda_graph"
     h_fast = fast.run(20)["history"]
+    buffers = fast.updater.batch_buffers()
+    assert buffers is not None and buffers["obs"].device.type == "cuda"
     for a, b in zip(h_ref, h_fast, strict=True):
         for k in ("actor_loss", "v_loss", "q_loss"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-4), (k, a[k], b[k])

@@ -172,6 +172,11 @@ class AgentUpdate:
             return self.agent.update(batch, self.generator)  # type: ignore[no-any-return]
         return self.agent.critic_update(batch)  # type: ignore[no-any-return]
 
+    def batch_buffers(self) -> dict[str, Tensor] | None:
+        """The captured step's static batch inputs (a batch gathered into them is not
+        copied again), None before the capture and for the other backends."""
+        return self._step.batch_buffers() if self._built and self._step is not None else None
+
     def floats(self, metrics: dict[str, float] | Tensor) -> dict[str, float]:
         if isinstance(metrics, dict):
             return metrics
@@ -549,9 +554,15 @@ class LearnerStep:
                 self._capture(batch)
         assert self._static is not None and self._graph is not None and self._graph_out is not None
         for k in _BATCH_KEYS:
-            self._static[k].copy_(batch[k], non_blocking=True)
+            if batch[k] is not self._static[k]:  # batch_buffers() are the inputs already
+                self._static[k].copy_(batch[k], non_blocking=True)
         self._graph.replay()
         return self._graph_out
+
+    def batch_buffers(self) -> dict[str, Tensor] | None:
+        """The CUDA graph's static batch inputs once captured (else None): a caller may
+        gather the next batch straight into them and pass them to ``step``."""
+        return self._static
 
     def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
         """``step`` plus one sync: the metrics as floats (Agent.update's names)."""
