@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 import threading
@@ -10,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import zmq
+from zmq.auth.thread import AuthenticationThread
 
 from idql_runtime import protocol as P
 from idql_runtime.client import ActionClient
@@ -101,6 +103,26 @@ def test_generated_secret_key_is_private_and_world_readable_key_refused(tmp_path
     os.chmod(keys["client"].secret_key_file, 0o604)
     with pytest.raises(InsecureKeyFileError):
         ActionClient("tcp://127.0.0.1:9", curve=keys["client"])
+
+
+@pytest.mark.parametrize("server", ["action_server", "learner_link"])
+def test_refused_curve_server_stops_its_zap_thread(keys, server, monkeypatch):
+    """A server whose construction fails after its ZAP thread started must stop that thread
+    before closing the context: otherwise the thread dies polling closed sockets (ENOTSOCK)
+    and its ``__del__`` raises again at a later, unrelated garbage collection."""
+    errors: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", lambda a: errors.append(repr(a.exc_value)))
+    monkeypatch.setattr("sys.unraisablehook", lambda u: errors.append(repr(u.exc_value)))
+    os.chmod(keys["server"].secret_key_file, 0o644)  # refused after the authenticator starts
+    with pytest.raises(InsecureKeyFileError):
+        if server == "action_server":
+            ActionServer("tcp://127.0.0.1:*", decide, obs_dim=2, curve=keys["server"])
+        else:
+            LearnerLink("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", curve=keys["server"])
+    time.sleep(0.3)  # give a thread left polling closed sockets the time to die
+    gc.collect()
+    alive = [t for t in threading.enumerate() if isinstance(t, AuthenticationThread)]
+    assert alive == [] and errors == []
 
 
 def test_curve_action_server_admits_only_allow_listed_clients(keys):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from idql_runtime import __version__
 from idql_runtime.protocol import (
@@ -32,6 +33,7 @@ from idql_runtime.protocol import (
 )
 from idql_runtime.transport.security import (
     CurveConfig,
+    _abandon,
     _start_authenticator,
     check_bind_address,
 )
@@ -121,6 +123,7 @@ class ActionServer:
         self.max_request_age_s, self.mode, self.name = max_request_age_s, mode, name
         self.obs_dtype = np.dtype(obs_dtype)
         self._ctx = zmq.Context()
+        self._auth: ThreadAuthenticator | None = None
         try:
             self._auth = _start_authenticator(self._ctx, curve)
             self._sock, self.endpoint = _server_socket(
@@ -133,7 +136,7 @@ class ActionServer:
                 hwm=hwm,
             )
         except Exception:
-            self._ctx.destroy(linger=0)
+            _abandon(self._ctx, self._auth)
             raise
         self._started = time.monotonic()
         self._counts = dict.fromkeys(_SERVER_COUNTERS, 0)

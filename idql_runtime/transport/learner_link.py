@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from idql_runtime import __version__
 from idql_runtime.protocol import (
@@ -34,6 +35,7 @@ from idql_runtime.protocol import (
 )
 from idql_runtime.transport.security import (
     CurveConfig,
+    _abandon,
     _initial_actor_keys,
     _start_authenticator,
     check_bind_address,
@@ -115,6 +117,7 @@ class LearnerLink:
         self.heartbeat_liveness_s = heartbeat_liveness_s
         self.weights_republish_s = weights_republish_s
         self._ctx = zmq.Context()
+        self._auth: ThreadAuthenticator | None = None
         try:
             self._auth = _start_authenticator(self._ctx, curve)
             self._router, self.ingest_endpoint = _server_socket(
@@ -126,7 +129,7 @@ class LearnerLink:
                 limits=limits, curve=curve, linger_ms=linger_ms, hwm=8,
             )  # fmt: skip
         except Exception:
-            self._ctx.destroy(linger=0)
+            _abandon(self._ctx, self._auth)
             raise
         self._started = time.monotonic()
         self._counts = dict.fromkeys(_LEARNER_COUNTERS, 0)

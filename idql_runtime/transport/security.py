@@ -220,5 +220,21 @@ def _start_authenticator(ctx: zmq.Context, curve: CurveConfig | None) -> ThreadA
         )
     auth = ThreadAuthenticator(ctx, log=logging.getLogger("idql_runtime.transport.zap"))
     auth.start()
-    auth.configure_curve(domain="*", location=str(curve.authorized_keys_dir))
+    try:
+        auth.configure_curve(domain="*", location=str(curve.authorized_keys_dir))
+    except BaseException:
+        auth.stop()
+        raise
     return auth
+
+
+def _abandon(ctx: zmq.Context, auth: ThreadAuthenticator | None) -> None:
+    """Undo a server's half-finished construction.
+
+    The ZAP thread is stopped first: destroying the context under it closes its sockets
+    while it polls them, which kills the thread with ENOTSOCK and makes its ``__del__``
+    raise again later, at some unrelated garbage collection.
+    """
+    if auth is not None:
+        auth.stop()
+    ctx.destroy(linger=0)
