@@ -414,6 +414,9 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch: pytest.MonkeyPatch,
         pytest.skip("triton was imported under TRITON_INTERPRET=1 in this process")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # to build the engine on the CPU
+    # Triton 3.10's default: the kernels must still get the FMA contraction they were
+    # measured and precision-checked with, because every launch asks for it by name.
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
     torch.manual_seed(0)
     agent = Agent(config_from_flat({}), 17, 6)
     kernels = {
@@ -441,6 +444,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch: pytest.MonkeyPatch,
             limit = 2048 if layout == "persist" else 0
             assert k["spill_bytes"] <= limit, (dtype, layout, name, k)
             assert k["gdc_waits"] == 0, (name, k)  # no PDL unless asked for
+            assert k["fp_fusion"] is True, (name, k)
             assert k["l1_prefetches"] == 0, (name, k)
     # pdl: the chained launches wait for their predecessor (griddepcontrol.wait) before
     # the first dependent load; V and the selection are launched as before. prefetch:

@@ -81,6 +81,10 @@ _WARMUP_CALLS = 2
 LAYOUTS = ("split", "fused", "persist")
 _PERSIST_MAX_SPIN = 1 << 18  # polls per grid barrier before it gives up (~0.1-0.3 s)
 _KERNELS: dict[bool, ModuleType] = {}
+# Every launch asks for FP fusion (a*b+c as one FMA) by name: it is what the kernels were
+# measured and precision-checked with, and Triton 3.10 turns its default off
+# (TRITON_DEFAULT_FP_FUSION).
+_LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 _ACT_TYPES = {nn.SiLU: "swish", nn.Mish: "mish", nn.ReLU: "relu"}
 
 
@@ -709,6 +713,14 @@ class TritonEngine(Engine):
         order: candidates + Q into self._x/_q, then the packed rows into self._out. ``gpu``
         (default: not interpreted): the launches of the compiled kernels, where they differ
         (the persistent layout's one launch; the interpreter gets one per phase)."""
+        return [
+            (kernel, grid, args, const, {**opts, **_LAUNCH_OPTIONS})
+            for kernel, grid, args, const, opts in self._launches(obs, x0, z, u, gpu=gpu)
+        ]
+
+    def _launches(
+        self, obs: Tensor, x0: Tensor, z: Tensor, u: Tensor, *, gpu: bool | None
+    ) -> list[tuple[Any, tuple[int, ...], list[Any], dict[str, Any], dict[str, int]]]:
         if gpu is None:
             gpu = not self.interpret
         c, b, s = self._consts, self._bufs, self.spec
@@ -953,6 +965,7 @@ class TritonEngine(Engine):
                 # programmatic dependent launch: the waits compiled in (``pdl``)
                 "gdc_waits": compiled.asm["ptx"].count("griddepcontrol.wait"),
                 "l1_prefetches": compiled.asm["ptx"].count("prefetch.global.L1"),
+                "fp_fusion": bool(compiled.metadata.enable_fp_fusion),
                 **_ptxas_report(compiled.asm["ptx"], arch),
             }
             prev = out.get(kernel.__name__)
