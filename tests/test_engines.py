@@ -502,7 +502,8 @@ def test_idql_bench_writes_json_table_and_histogram(tmp_path, capsys) -> None:
         ]
     )
     assert rc == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     assert out["weights"]["source"] == "random" and "HalfCheetah" in out["weights"]["note"]
     assert out["machine"]["torch"] == torch.__version__
     rows = {(r["requested"], r["batch"]): r for r in out["decision"]}
@@ -515,6 +516,7 @@ def test_idql_bench_writes_json_table_and_histogram(tmp_path, capsys) -> None:
     assert "CUDA device" in rows[("cuda_graph", 1)]["error"]
     assert (tmp_path / "latency_hist.png").stat().st_size > 1000
     assert json.loads((tmp_path / "bench.json").read_text())["decision"] == out["decision"]
+    assert "auto>cpu" in captured.err  # what auto picked, told apart from a requested engine
 
 
 def test_gpu_profile_counts_each_calls_kernels() -> None:

@@ -282,9 +282,16 @@ def bench_decisions(agent: Any, args: argparse.Namespace) -> tuple[list[dict[str
                 row["speedup_p50"] = round(row["eager_p50_us"] / row["p50_us"], 3)
                 row["speedup_p99"] = round(row["eager_p99_us"] / row["p99_us"], 3)
                 rows.append(row)
-                samples[f"{row['engine']}|{b}|{n}"] = lat
+                samples[f"{row_label(row)}|{b}|{n}"] = lat
                 samples.setdefault(f"eager-baseline|{b}|{n}", base)
     return rows, samples
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """The engine a row ran, and what was asked for when that differs (``auto>cpu``): two
+    rows of one engine (``auto`` and ``cpu``) stay apart in the table and histogram."""
+    engine = row.get("engine", row["requested"])
+    return engine if engine == row["requested"] else f"{row['requested']}>{engine}"
 
 
 def bench_learner(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -421,19 +428,18 @@ def print_table(result: dict[str, Any], *, header: bool = True, learner: bool = 
             f"{result['weights'].get('note', result['weights']['source'])}",
             file=err,
         )
-    hdr = f"{'engine':<11}{'B':>4}{'N':>5}{'p50 us':>10}{'p99 us':>10}{'eager p50':>11}{'eager p99':>11}{'x p50':>7}{'x p99':>7}"
+    hdr = f"{'engine':<17}{'B':>4}{'N':>5}{'p50 us':>10}{'p99 us':>10}{'eager p50':>11}{'eager p99':>11}{'x p50':>7}{'x p99':>7}"
     if header and result.get("decision"):
         print(hdr, file=err)
         for r in result["decision"]:
             if "error" in r:
                 print(
-                    f"{r.get('engine', r['requested']):<11}{r['batch']:>4}{r['samples']:>5}  "
-                    f"error: {r['error'][:90]}",
+                    f"{row_label(r):<17}{r['batch']:>4}{r['samples']:>5}  error: {r['error'][:90]}",
                     file=err,
                 )
                 continue
             print(
-                f"{r['engine']:<11}{r['batch']:>4}{r['samples']:>5}{r['p50_us']:>10.0f}{r['p99_us']:>10.0f}"
+                f"{row_label(r):<17}{r['batch']:>4}{r['samples']:>5}{r['p50_us']:>10.0f}{r['p99_us']:>10.0f}"
                 f"{r['eager_p50_us']:>11.0f}{r['eager_p99_us']:>11.0f}{r['speedup_p50']:>7.2f}"
                 f"{r['speedup_p99']:>7.2f}",
                 file=err,
