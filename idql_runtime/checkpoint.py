@@ -167,7 +167,7 @@ def save_checkpoint(
         old = None
         if final.exists():  # same iteration saved twice: move the old one aside first, so
             # a crash in between leaves either it or the new one under a loadable name
-            old = root / f".old-{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+            old = _aside(final)
             os.rename(final, old)
         os.rename(tmp, final)
         _fsync_path(root)
@@ -186,7 +186,21 @@ def prune(root: Path, keep: int) -> None:
             shutil.rmtree(stale, ignore_errors=True)
     ckpts = [p for p in list_checkpoints(root) if (p / "meta.json").exists()]  # complete ones
     for old in ckpts[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        # Out of the checkpoint names first, then deleted: a process killed inside the
+        # delete leaves a .old-* directory (removed by a later prune), never a half-deleted
+        # ckpt_* that nothing prunes because it is no longer complete.
+        trash = _aside(old)
+        try:
+            os.rename(old, trash)
+        except FileNotFoundError:  # pruned meanwhile by another process
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _aside(path: Path) -> Path:
+    """A name beside ``path`` for moving it out of the way; ``prune`` removes it unless
+    the process named in it is alive."""
+    return path.parent / f".old-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
 
 
 def _owned_by_live_writer(tmp: Path) -> bool:

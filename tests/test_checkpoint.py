@@ -124,3 +124,37 @@ def test_resaving_an_iteration_replaces_it_atomically(tmp_path: Path) -> None:
     second = save_checkpoint(tmp_path, 4, a, meta={"n": 2})
     assert first == second and load_checkpoint(tmp_path).meta["n"] == 2
     assert not list(tmp_path.glob(".old-*")) and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_kill_inside_pruning_leaves_no_half_deleted_checkpoint(tmp_path: Path) -> None:
+    """A process SIGKILLed while pruning an old checkpoint (the delete has begun: its
+    meta.json is gone) leaves only complete ckpt_* directories, and the debris under its
+    .old-* name is removed by the next save's prune. Deleting in place left a ckpt_*
+    without meta.json that no prune ever removed (seen in the crash-while-checkpointing
+    fault test)."""
+    import signal
+    import subprocess
+    import sys
+
+    a = _agent()
+    for it in (1, 2, 3):
+        save_checkpoint(tmp_path, it, a, meta={}, keep=10)
+    script = (
+        "import os, shutil, signal, sys\n"
+        "from pathlib import Path\n"
+        "from idql_runtime import checkpoint\n"
+        "def dying_rmtree(path, *args, **kwargs):\n"
+        "    (Path(path) / 'meta.json').unlink()  # the delete has begun ...\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)  # ... and the process dies inside it\n"
+        "shutil.rmtree = dying_rmtree\n"
+        "checkpoint.prune(Path(sys.argv[1]), keep=2)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    ckpts = sorted(p.name for p in tmp_path.glob("ckpt_*"))
+    assert ckpts == ["ckpt_000000002", "ckpt_000000003"]
+    assert all((tmp_path / c / "meta.json").exists() for c in ckpts)
+    assert len(list(tmp_path.glob(".old-*"))) == 1  # the dead process's debris
+    save_checkpoint(tmp_path, 4, a, meta={}, keep=2)
+    assert not list(tmp_path.glob(".old-*"))
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == ["ckpt_000000003", "ckpt_000000004"]
