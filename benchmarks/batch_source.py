@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from idql_runtime.batches import DeviceBatches, prepare_batch
-from idql_runtime.envs import RewardTransform
 from idql_runtime.replay import ReplaySampler, ReplayStore
+from idql_runtime.trainer import fit_reward_transform
 
 
 def _store(path: Path, rows: int) -> ReplayStore:
@@ -71,8 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = _store(Path(tmp) / "rows.zarr", a.rows)
         train, _ = ReplaySampler(store, seed=0).split(0.95, seed=0)
-        reward = np.asarray(store.read(0, len(store), keys=["reward"])["reward"], np.float64)
-        transform = RewardTransform.fit("locomotion", reward, store.episode_ends())
+        transform = fit_reward_transform(store, "locomotion")
         t0 = time.perf_counter()
         db = DeviceBatches(
             train, transform, 1 - 1e-5, dev, torch.Generator(device=dev).manual_seed(0)

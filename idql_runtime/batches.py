@@ -25,12 +25,12 @@ import torch
 from torch import Tensor
 
 from idql_runtime.agent import to_tensors
+from idql_runtime.config import BATCH_SOURCES
 from idql_runtime.envs import RewardTransform
 
 log = logging.getLogger(__name__)
 
 BATCH_FIELDS = ("obs", "action", "reward", "next_obs", "terminated")
-BATCH_SOURCES = ("auto", "host", "device")
 # auto keeps the rows on a GPU only while they take at most this share of its memory.
 AUTO_DEVICE_SHARE = 0.25
 _CHUNK_ROWS = 1 << 16

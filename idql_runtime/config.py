@@ -111,6 +111,10 @@ class PolicyConfig:
         _choice("policy.mode", self.mode, ("argmax", "implicit"))
 
 
+# train.batch_source: where offline batches come from (idql_runtime/batches.py)
+BATCH_SOURCES = ("auto", "host", "device")
+
+
 @dataclass
 class TrainConfig:
     """Offline pretraining (idql-reference.md s5, s6)."""
@@ -160,7 +164,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _choice("train.algo", self.algo, ("idql", "iql_awr", "bc"))
-        _choice("train.batch_source", self.batch_source, ("auto", "host", "device"))
+        _choice("train.batch_source", self.batch_source, BATCH_SOURCES)
         _choice(
             "train.learner_backend",
             self.learner_backend,

@@ -2,8 +2,9 @@
 
 Exact resume: a checkpoint holds the networks, optimiser moments, LR-schedule counter,
 the torch global RNG (dropout), the loss-noise generator, the batch sampler's numpy RNG
-and the device batch generator (``train.batch_source``, ``batches.py``), so iteration k+1.. after ``--resume`` computes the same losses as an uninterrupted
-run with the same seed (tests/test_trainer.py checks this).
+and the device batch generator (``train.batch_source``, ``batches.py``), so iteration
+k+1.. after ``--resume`` computes the same losses as an uninterrupted run with the same
+seed (tests/test_trainer.py checks this).
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def fit_reward_transform(store: ReplayStore, kind: str) -> RewardTransform:
     n = len(store)
     reward = store.read(0, n, keys=["reward"])["reward"]
     return RewardTransform.fit(kind, np.asarray(reward, dtype=np.float64), store.episode_ends())
+
+
+def _batch_seed(seed: int, *more: int) -> int:
+    """The device batch generator's seed: a stream of its own, apart from the loss noise's."""
+    return int(np.random.SeedSequence([seed, 1, *more]).generate_state(1)[0])
 
 
 def _sampler_rng(sampler: Any) -> np.random.Generator:
@@ -87,9 +93,7 @@ class OfflineTrainer:
         self.updater = self._updater()
         # Device batches: a generator of their own (not the loss noise's stream), seeded
         # apart from it; the rows are copied on the first draw (after a resume).
-        self.batch_generator = torch.Generator(device=self.device).manual_seed(
-            int(np.random.SeedSequence([t.seed, 1]).generate_state(1)[0])
-        )
+        self.batch_generator = torch.Generator(device=self.device).manual_seed(_batch_seed(t.seed))
         nbytes = resident_bytes(len(self.train_sampler), store.obs_dim, store.act_dim)
         self.batch_source, why = resolve_batch_source(t.batch_source, self.device, nbytes)
         log.info("training batches: %s", why)
@@ -161,13 +165,7 @@ class OfflineTrainer:
         if "rng.batch_generator" in ckpt.train_tensors:
             self.batch_generator.set_state(ckpt.train_tensors["rng.batch_generator"])
         else:  # a checkpoint from before device batches: do not replay the first draws
-            self.batch_generator.manual_seed(
-                int(
-                    np.random.SeedSequence([self.cfg.train.seed, 1, ckpt.iteration]).generate_state(
-                        1
-                    )[0]
-                )
-            )
+            self.batch_generator.manual_seed(_batch_seed(self.cfg.train.seed, ckpt.iteration))
         self.device_batches = None  # rebuilt with the restored reward transform
         tj = ckpt.meta["train_json"]
         _sampler_rng(self.train_sampler).bit_generator.state = tj["train_sampler_rng"]

@@ -15,9 +15,8 @@ import torch
 import idql_runtime.batches as batches
 from idql_runtime.batches import DeviceBatches, prepare_batch, resident_bytes, resolve_batch_source
 from idql_runtime.config import ConfigError, load_config
-from idql_runtime.envs import RewardTransform
 from idql_runtime.replay import ReplaySampler, ReplayStore
-from idql_runtime.trainer import OfflineTrainer
+from idql_runtime.trainer import OfflineTrainer, fit_reward_transform
 from tests.conftest import TINY
 
 
@@ -25,11 +24,7 @@ from tests.conftest import TINY
 def split(hopper_store_path: Path):
     store = ReplayStore.open(hopper_store_path)
     train, val = ReplaySampler(store, seed=0).split(0.9, seed=3)
-    transform = RewardTransform.fit(
-        "locomotion",
-        np.asarray(store.read(0, len(store), keys=["reward"])["reward"], np.float64),
-        store.episode_ends(),
-    )
+    transform = fit_reward_transform(store, "locomotion")
     yield store, train, val, transform
     store.close()
 

@@ -175,7 +175,7 @@ class AgentUpdate:
     def batch_buffers(self) -> dict[str, Tensor] | None:
         """The captured step's static batch inputs (a batch gathered into them is not
         copied again), None before the capture and for the other backends."""
-        return self._step.batch_buffers() if self._built and self._step is not None else None
+        return None if self._step is None else self._step.batch_buffers()
 
     def floats(self, metrics: dict[str, float] | Tensor) -> dict[str, float]:
         if isinstance(metrics, dict):

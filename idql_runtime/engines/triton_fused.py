@@ -713,14 +713,6 @@ class TritonEngine(Engine):
         order: candidates + Q into self._x/_q, then the packed rows into self._out. ``gpu``
         (default: not interpreted): the launches of the compiled kernels, where they differ
         (the persistent layout's one launch; the interpreter gets one per phase)."""
-        return [
-            (kernel, grid, args, const, {**opts, **_LAUNCH_OPTIONS})
-            for kernel, grid, args, const, opts in self._launches(obs, x0, z, u, gpu=gpu)
-        ]
-
-    def _launches(
-        self, obs: Tensor, x0: Tensor, z: Tensor, u: Tensor, *, gpu: bool | None
-    ) -> list[tuple[Any, tuple[int, ...], list[Any], dict[str, Any], dict[str, int]]]:
         if gpu is None:
             gpu = not self.interpret
         c, b, s = self._consts, self._bufs, self.spec
@@ -895,11 +887,11 @@ class TritonEngine(Engine):
                 main = torch.cuda.current_stream(self.device)
                 side.wait_stream(main)
                 with torch.cuda.stream(side):
-                    kernel[grid](*args, **const, **opts)
+                    kernel[grid](*args, **const, **opts, **_LAUNCH_OPTIONS)
                 continue
             if side is not None and kernel is self._k.select_kernel:
                 torch.cuda.current_stream(self.device).wait_stream(side)
-            kernel[grid](*args, **const, **opts)
+            kernel[grid](*args, **const, **opts, **_LAUNCH_OPTIONS)
 
     def compile_for(self, arch: int = 90) -> dict[str, dict[str, Any]]:
         """Compile every kernel for CUDA compute capability ``arch`` without a GPU (Triton
@@ -954,7 +946,7 @@ class TritonEngine(Engine):
                         attrs[(i,)] = [["tt.divisibility", 16]]
             if "UPCAST" in const:
                 const = {**const, "UPCAST": False}
-            options = backend.parse_options(dict(opts)).__dict__
+            options = backend.parse_options({**opts, **_LAUNCH_OPTIONS}).__dict__
             compiled = triton.compile(
                 ASTSource(kernel, sig, const, attrs), target=target, options=options
             )
