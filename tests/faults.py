@@ -323,11 +323,20 @@ class SmallFs:
         else:
             self._filler.unlink(missing_ok=True)
 
-    def read_only(self) -> None:
+    def read_only(self, busy_timeout_s: float = 10.0) -> None:
+        """The file system turns read-only under the running learner. A remount to ro is
+        refused (EBUSY) while a file on it is open for writing, i.e. while the learner is
+        inside a write; retried until it lands between two writes (a kernel that remounts
+        ro on an I/O error does not wait, but the learner sees the same EROFS next write)."""
         if self.kind == "injected":
             self.control.write_text("EROFS")
-        elif not self._run("mount", "-o", "remount,ro", str(self.path)):
-            raise OSError(f"could not remount {self.path} read-only: {self.why_not[-1]}")
+            return
+        deadline = time.monotonic() + busy_timeout_s
+        while not self._run("mount", "-o", "remount,ro", str(self.path)):
+            if "busy" not in self.why_not[-1] or time.monotonic() > deadline:
+                raise OSError(f"could not remount {self.path} read-only: {self.why_not[-1]}")
+            self.why_not.pop()  # a busy retry is not a reason this fs lacks
+            time.sleep(0.005)
 
     def writable(self) -> None:
         if self.kind == "injected":
