@@ -192,6 +192,9 @@ class OnlineConfig:
     publish_every: int = _f(100, "updates between weight broadcasts")
     checkpoint_interval_s: float = _f(60.0, "seconds between periodic checkpoints")
     max_updates_per_poll: int = _f(32, "cap on updates between two network polls")
+    max_update_burst_s: float = _f(
+        0.1, "cap on seconds of updates between two network polls (acks wait for a poll)"
+    )
 
     def validate(self) -> None:
         if not 0.0 <= self.online_fraction <= 1.0:
@@ -203,6 +206,10 @@ class OnlineConfig:
                 f"online.updates_per_transition must be >= 0, got {self.updates_per_transition}"
             )
         _positive("online.publish_every", self.publish_every)
+        if not self.max_update_burst_s > 0:
+            raise ConfigError(
+                f"online.max_update_burst_s must be > 0, got {self.max_update_burst_s}"
+            )
 
 
 @dataclass

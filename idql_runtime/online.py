@@ -339,14 +339,20 @@ class OnlineLearner:
 
     # ------------------------------------------------------------ learning
     def train(self) -> int:
-        """Run the updates owed by the update-to-data ratio (capped per call)."""
+        """Run the updates owed by the update-to-data ratio, at most ``max_updates_per_poll``
+        of them and, past the first, only while ``max_update_burst_s`` lasts: acks go out
+        only between bursts, and a learner slowed by its own updates (or niced below the
+        actors) must not keep them waiting past the actors' resend timeout."""
         o = self.cfg.online
         if len(self.store) < o.warmup_transitions or self.training_paused:
             self.owed_updates = 0.0
             return 0
         self.sampler.refresh()
         todo = min(int(self.owed_updates), o.max_updates_per_poll)
-        for _ in range(todo):
+        end = time.monotonic() + o.max_update_burst_s
+        for done in range(todo):
+            if done and time.monotonic() >= end:
+                return done
             batch = prepare_batch(
                 self.sampler.sample(o.batch_size),
                 self.transform,
@@ -494,6 +500,7 @@ class OnlineLearner:
                 for a, s in getattr(self.link, "actors", lambda: {})().items()
             },
             "rejected_messages": link.get("rejected", 0),
+            "torch_threads": torch.get_num_threads(),
             **self.last_metrics,
         }
 
@@ -570,6 +577,10 @@ def run_online_learner(args: Namespace) -> int:
         ckpt = load_checkpoint(args.pretrained)
     cfg_flat = {**_flat(ckpt.meta["config"]), **parse_overrides(args.set)}
     cfg = config_from_flat(cfg_flat)
+    if cfg.train.threads:
+        # before any torch work: on a machine shared with actors, the learner's OpenMP
+        # team is what takes their cores (train.threads was honoured offline only)
+        torch.set_num_threads(cfg.train.threads)
     agent = restore_agent(ckpt, args.device, optimisers=True)
     agent.cfg = cfg
     tj = ckpt.meta.get("train_json", {}) if resumed else {}
@@ -622,7 +633,8 @@ def run_online_learner(args: Namespace) -> int:
     if resumed:
         learner.checkpointed_updates = learner.updates
     log.info(
-        "learner %s from %s: %d rows in %s, policy version %d, ingest %s, weights %s",
+        "learner %s from %s: %d rows in %s, policy version %d, ingest %s, weights %s, "
+        "torch threads %d",
         "resumed" if resumed else "started",
         ckpt.path,
         len(store),
@@ -630,6 +642,7 @@ def run_online_learner(args: Namespace) -> int:
         learner.policy_version,
         link.ingest_endpoint,
         link.weights_endpoint,
+        torch.get_num_threads(),
     )
 
     def _stop(signum: int, _frame: Any) -> None:

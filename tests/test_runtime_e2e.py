@@ -7,6 +7,8 @@ concurrent clients and a restart is invisible to a client beyond its timeout.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import threading
 import time
@@ -42,6 +44,12 @@ def test_learner_and_three_actors_exactly_once(
         # the fast update step (a GPU's default, cuda_graph there) between real processes
         "--set",
         "train.learner_backend=eager",
+        # tests.procs sets OMP_NUM_THREADS=1, so 2 threads can only come from the config
+        # (the online learner ignored train.threads until this was checked)
+        "--set",
+        "train.threads=2",
+        "--nice",
+        "5",
         offline=hopper_store_path,
     )
     actors: list[Proc] = []
@@ -49,6 +57,9 @@ def test_learner_and_three_actors_exactly_once(
         actors = [actor(tmp_path, tiny_ckpt, port, i, "--max-seconds", "12") for i in range(3)]
         for a in actors:
             assert a.wait(90) == 0, a.stderr()[-2000:]
+        # the learner lowered its own priority below the actors' (ours, inherited)
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, lrn.popen.pid) == min(19, mine + 5)
         lrn.signal(signal.SIGTERM)
         assert lrn.wait(60) == 0, lrn.stderr()[-2000:]
     finally:
@@ -74,9 +85,20 @@ def test_learner_and_three_actors_exactly_once(
         assert (np.diff(data["policy_version"][mine]) >= 0).all()
         total_acked += link["acked"]
     assert len(store) == total_acked
+    # the demo's one-line summaries read the real final reports (a missing key would crash
+    # the demo at its very end)
+    from idql_runtime.cli.demo import _describe
+
+    a0 = actors[0].find("actor_final")[0]
+    line = _describe("actor0", json.dumps({"actor_final": a0}))
+    assert line is not None and f"late decisions {a0['overruns']} (fallback held)" in line
     final = lrn.find("learner_final")[0]
+    line = _describe("learner", json.dumps({"learner_final": final}))
+    assert line is not None and f"{final['rows']} rows, {final['updates']} updates" in line
     assert final["duplicates"] == 0 and final["rows"] == total_acked and final["policy_version"] > 1
     assert "update step: LearnerStep backend=eager" in lrn.stderr()
+    assert final["torch_threads"] == 2 and "torch threads 2" in lrn.stderr()
+    assert "CPU priority lowered: nice" in lrn.stderr()
     assert final["updates"] >= 20 and np.isfinite(final["q_loss"]) and np.isfinite(final["v_loss"])
     assert (tmp_path / "run" / "checkpoints").is_dir()
 

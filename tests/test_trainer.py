@@ -96,6 +96,20 @@ def test_fast_step_trains_like_agent_update(hopper_store_path: Path, tmp_path: P
         torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("nice", ["-3", "20"])
+def test_learner_cli_refuses_a_priority_outside_0_to_19(
+    nice: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Raising the learner above the actors (or past 19) is refused, naming the value,
+    before anything is read or written."""
+    from learner.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["--nice", nice, "--pretrained", str(tmp_path), "--run-dir", str(run_dir)]) == 2
+    assert f"--nice must be in 0..19, got {nice}" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
 def test_learner_cli_trains_checkpoints_and_resumes(
     hopper_store_path: Path, tmp_path: Path
 ) -> None:
@@ -212,6 +226,52 @@ def test_online_learner_fast_step_matches_reference_and_checkpoints(
             assert float(s_back["step"]) == float(s_ref["step"]) == 6, name
             torch.testing.assert_close(s_back["exp_avg"], s_ref["exp_avg"], rtol=1e-4, atol=1e-6)
     assert back.actor_sched.last_epoch == (6 if finetune_actor else 0)
+
+
+@pytest.mark.parametrize(("update_s", "per_burst"), [(0.03, 4), (0.5, 1)])
+def test_online_learner_bounds_each_update_burst_in_time(
+    hopper_store_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    update_s: float,
+    per_burst: int,
+) -> None:
+    """Acks go out only between update bursts, so a burst stops once
+    online.max_update_burst_s (0.1 s) has passed: ceil(0.1 / 0.03) = 4 updates of 30 ms,
+    and always at least one (a 0.5 s update still makes progress). Updates not run stay
+    owed, none is lost. A fake clock advanced by each update makes the count exact."""
+    import types
+
+    from idql_runtime import online
+    from idql_runtime.agent import Agent
+    from idql_runtime.envs import RewardTransform
+
+    cfg = load_config(overrides={**TINY, "online.warmup_transitions": 10, "online.batch_size": 32})
+    store = ReplayStore.open(hopper_store_path)
+    ln = online.OnlineLearner(
+        cfg,
+        Agent(cfg, store.obs_dim, store.act_dim),
+        store,
+        None,
+        None,
+        tmp_path,
+        RewardTransform.from_dict({"kind": "none", "scale": 1.0, "shift": 0.0}),
+        meta={"obs_dim": store.obs_dim, "act_dim": store.act_dim},
+    )
+    now = [0.0]
+    monkeypatch.setattr(online, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    real_update = ln.updater.update
+
+    def slow_update(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        now[0] += update_s
+        return real_update(batch)
+
+    monkeypatch.setattr(ln.updater, "update", slow_update)
+    ln.owed_updates = 10.0
+    assert cfg.online.max_update_burst_s == 0.1 and cfg.online.max_updates_per_poll == 32
+    assert ln.train() == per_burst and ln.updates == per_burst
+    assert ln.owed_updates == 10.0 - per_burst
+    assert ln.train() == per_burst and ln.updates == 2 * per_burst
 
 
 @pytest.mark.gpu
