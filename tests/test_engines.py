@@ -497,6 +497,8 @@ def test_idql_bench_writes_json_table_and_histogram(tmp_path, capsys) -> None:
             "12",
             "--max-seconds",
             "0.3",
+            "--rate-hz",
+            "0,400",
             "--out",
             str(tmp_path),
         ]
@@ -506,17 +508,45 @@ def test_idql_bench_writes_json_table_and_histogram(tmp_path, capsys) -> None:
     out = json.loads(captured.out)
     assert out["weights"]["source"] == "random" and "HalfCheetah" in out["weights"]["note"]
     assert out["machine"]["torch"] == torch.__version__
-    rows = {(r["requested"], r["batch"]): r for r in out["decision"]}
-    assert rows[("auto", 1)]["engine"] == "cpu"
+    rows = {(r["requested"], r["batch"], r.get("rate_hz")): r for r in out["decision"]}
+    assert rows[("auto", 1, 0)]["engine"] == "cpu"
     for b in (1, 2):
-        r = rows[("auto", b)]
-        assert r["p50_us"] > 0 and r["p99_us"] >= r["p50_us"] and r["eager_p50_us"] > 0
-        assert r["speedup_p50"] == pytest.approx(r["eager_p50_us"] / r["p50_us"], rel=1e-2)
+        for rate in (0, 400):  # back to back, and paced at 400 Hz beside it
+            r = rows[("auto", b, rate)]
+            assert r["p50_us"] > 0 and r["p99_us"] >= r["p50_us"] and r["eager_p50_us"] > 0
+            assert r["speedup_p50"] == pytest.approx(r["eager_p50_us"] / r["p50_us"], rel=1e-2)
     # --device cpu: the CUDA-only engine is a clear error row, not a crash
-    assert "CUDA device" in rows[("cuda_graph", 1)]["error"]
+    assert "CUDA device" in rows[("cuda_graph", 1, None)]["error"]
     assert (tmp_path / "latency_hist.png").stat().st_size > 1000
     assert json.loads((tmp_path / "bench.json").read_text())["decision"] == out["decision"]
     assert "auto>cpu" in captured.err  # what auto picked, told apart from a requested engine
+    assert any(line.split()[3:4] == ["400"] for line in captured.err.splitlines())  # Hz column
+    assert main(["--rate-hz", "-5", "--out", str(tmp_path)]) == 2
+    assert "--rate-hz takes rates >= 0 (0 = back to back), got '-5'" in capsys.readouterr().err
+
+
+def test_idql_bench_paces_one_call_per_tick_without_catch_up() -> None:
+    """--rate-hz: each call waits for its tick (start k >= start 0 + k periods: sleeps never
+    return early), and after a call that overran its tick the next starts at once and the
+    ticks restart from there, with no burst of back-to-back calls to catch up."""
+    import time
+
+    from idql_runtime.cli.bench import _time_calls
+
+    period = 0.004
+    starts: list[float] = []
+    _time_calls(lambda: starts.append(time.perf_counter()), 12, period_s=period)
+    assert all(t - starts[0] >= k * period - 1e-4 for k, t in enumerate(starts))
+
+    starts = []
+
+    def call() -> None:
+        starts.append(time.perf_counter())
+        if len(starts) == 3:
+            time.sleep(5 * period)  # this call overruns the next ticks
+
+    _time_calls(call, 8, period_s=period)
+    assert all(t - starts[3] >= (k - 3) * period - 1e-4 for k, t in enumerate(starts[3:], 3))
 
 
 def test_gpu_profile_counts_each_calls_kernels() -> None:

@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="options of the triton engine, e.g. block_m=16,hidden_chunk=64,num_warps=8,"
         "input_precision=tf32 (default: the engine's)",
     )
+    p.add_argument(
+        "--rate-hz",
+        default="0",
+        help="comma list of decision rates: 0 = back to back; R > 0 = one decision per "
+        "1/R s tick with the thread asleep in between, as the actor's control loop runs "
+        "them (engine and eager paced alike)",
+    )
     p.add_argument("--dtype", default="float32", help="engine dtype (float32, bfloat16, float16)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
@@ -148,9 +155,19 @@ def percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
-def _time_calls(fn: Any, n: int) -> list[float]:
+def _time_calls(fn: Any, n: int, period_s: float = 0.0) -> list[float]:
+    """Latencies (us) of n calls: back to back, or with ``period_s`` one call per tick and
+    plain sleeps between (a tick missed is skipped, as RateKeeper does)."""
     out = []
+    tick = time.perf_counter()
     for _ in range(n):
+        if period_s:
+            tick += period_s
+            wait = tick - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            else:
+                tick -= wait  # late: start now, no catch-up burst
         t0 = time.perf_counter_ns()
         fn()
         out.append((time.perf_counter_ns() - t0) / 1e3)
@@ -158,20 +175,39 @@ def _time_calls(fn: Any, n: int) -> list[float]:
 
 
 def interleaved(
-    engine_fn: Any, eager_fn: Any, iters: int, max_s: float, rounds: int = 10
+    engine_fn: Any,
+    eager_fn: Any,
+    iters: int,
+    max_s: float,
+    rounds: int = 10,
+    period_s: float = 0.0,
 ) -> tuple[list[float], list[float]]:
-    """Latencies (us) of both, alternating blocks so load changes hit both alike."""
+    """Latencies (us) of both, alternating blocks so load changes hit both alike; with
+    ``period_s`` both are paced at that tick."""
     probe = _time_calls(engine_fn, 3) + _time_calls(eager_fn, 3)
-    per_pair_s = (np.median(probe[:3]) + np.median(probe[3:])) / 1e6
+    per_pair_s = max(period_s, np.median(probe[:3]) / 1e6) + max(
+        period_s, np.median(probe[3:]) / 1e6
+    )
     n = int(max(10, min(iters, max_s / max(per_pair_s, 1e-9))))
     rounds = max(1, min(rounds, n // 5))
     eng: list[float] = []
     eag: list[float] = []
     for r in range(rounds):
         k = n // rounds + (1 if r < n % rounds else 0)
-        eng += _time_calls(engine_fn, k)
-        eag += _time_calls(eager_fn, k)
+        eng += _time_calls(engine_fn, k, period_s)
+        eag += _time_calls(eager_fn, k, period_s)
     return eng, eag
+
+
+def _rates(text: str) -> list[float]:
+    """``--rate-hz`` as floats; ValueError naming the text unless every rate is >= 0."""
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        rates = []
+    if not rates or not all(r >= 0 for r in rates):
+        raise ValueError(f"--rate-hz takes rates >= 0 (0 = back to back), got {text!r}")
+    return rates
 
 
 class JsonLines:
@@ -213,6 +249,7 @@ def bench_decisions(agent: Any, args: argparse.Namespace) -> tuple[list[dict[str
     from idql_runtime.engines import build_engine, resolve_kind
 
     kinds = [k.strip() for k in args.engines.split(",") if k.strip()]
+    rates = _rates(args.rate_hz)
     heavy = _heavy_shapes(args)
     rows: list[dict[str, Any]] = []
     samples: dict[str, list[float]] = {}
@@ -261,29 +298,38 @@ def bench_decisions(agent: Any, args: argparse.Namespace) -> tuple[list[dict[str
                     row["build_s"] = round(time.perf_counter() - t0, 3)
                     row["engine"] = eng.name
                     row["info"] = {k: v for k, v in eng.info.items() if k != "card"}
-                    lat, base = interleaved(
-                        lambda e=eng, o=obs: e.decide(o),
-                        lambda e=eager, o=obs: e.decide(o),
-                        args.iters,
-                        args.max_seconds,
-                    )
                 except Exception as e:  # noqa: BLE001 - one engine failing must not stop the run
                     row["error"] = f"{type(e).__name__}: {e}"
                     rows.append(row)
                     continue
-                row.update(
-                    iters=len(lat),
-                    p50_us=round(percentile(lat, 50), 1),
-                    p99_us=round(percentile(lat, 99), 1),
-                    mean_us=round(float(np.mean(lat)), 1),
-                    eager_p50_us=round(percentile(base, 50), 1),
-                    eager_p99_us=round(percentile(base, 99), 1),
-                )
-                row["speedup_p50"] = round(row["eager_p50_us"] / row["p50_us"], 3)
-                row["speedup_p99"] = round(row["eager_p99_us"] / row["p99_us"], 3)
-                rows.append(row)
-                samples[f"{row_label(row)}|{b}|{n}"] = lat
-                samples.setdefault(f"eager-baseline|{b}|{n}", base)
+                for rate in rates:
+                    paced = {**row, "rate_hz": rate}
+                    try:
+                        lat, base = interleaved(
+                            lambda e=eng, o=obs: e.decide(o),
+                            lambda e=eager, o=obs: e.decide(o),
+                            args.iters,
+                            args.max_seconds,
+                            period_s=1.0 / rate if rate else 0.0,
+                        )
+                    except Exception as e:  # noqa: BLE001
+                        paced["error"] = f"{type(e).__name__}: {e}"
+                        rows.append(paced)
+                        break
+                    paced.update(
+                        iters=len(lat),
+                        p50_us=round(percentile(lat, 50), 1),
+                        p99_us=round(percentile(lat, 99), 1),
+                        mean_us=round(float(np.mean(lat)), 1),
+                        eager_p50_us=round(percentile(base, 50), 1),
+                        eager_p99_us=round(percentile(base, 99), 1),
+                    )
+                    paced["speedup_p50"] = round(paced["eager_p50_us"] / paced["p50_us"], 3)
+                    paced["speedup_p99"] = round(paced["eager_p99_us"] / paced["p99_us"], 3)
+                    rows.append(paced)
+                    at = f"@{rate:g}Hz" if rate else ""
+                    samples[f"{row_label(paced)}{at}|{b}|{n}"] = lat
+                    samples.setdefault(f"eager-baseline{at}|{b}|{n}", base)
     return rows, samples
 
 
@@ -428,7 +474,7 @@ def print_table(result: dict[str, Any], *, header: bool = True, learner: bool = 
             f"{result['weights'].get('note', result['weights']['source'])}",
             file=err,
         )
-    hdr = f"{'engine':<17}{'B':>4}{'N':>5}{'p50 us':>10}{'p99 us':>10}{'eager p50':>11}{'eager p99':>11}{'x p50':>7}{'x p99':>7}"
+    hdr = f"{'engine':<17}{'B':>4}{'N':>5}{'Hz':>6}{'p50 us':>10}{'p99 us':>10}{'eager p50':>11}{'eager p99':>11}{'x p50':>7}{'x p99':>7}"
     if header and result.get("decision"):
         print(hdr, file=err)
         for r in result["decision"]:
@@ -438,8 +484,9 @@ def print_table(result: dict[str, Any], *, header: bool = True, learner: bool = 
                     file=err,
                 )
                 continue
+            hz = f"{r['rate_hz']:g}" if r.get("rate_hz") else "-"  # "-": back to back
             print(
-                f"{row_label(r):<17}{r['batch']:>4}{r['samples']:>5}{r['p50_us']:>10.0f}{r['p99_us']:>10.0f}"
+                f"{row_label(r):<17}{r['batch']:>4}{r['samples']:>5}{hz:>6}{r['p50_us']:>10.0f}{r['p99_us']:>10.0f}"
                 f"{r['eager_p50_us']:>11.0f}{r['eager_p99_us']:>11.0f}{r['speedup_p50']:>7.2f}"
                 f"{r['speedup_p99']:>7.2f}",
                 file=err,
@@ -467,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("idql-bench: --device cuda asked for, but torch sees no CUDA GPU", file=sys.stderr)
         return 2
+    try:
+        _rates(args.rate_hz)
+    except ValueError as e:
+        print(f"idql-bench: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     agent, weights = _agent(args)
@@ -477,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": agent.schedule.steps,
         "protocol": "per engine and shape: decide(obs) wall time incl. "
         "host<->device copies, engine and eager timed in "
-        "alternating blocks in the same process",
+        "alternating blocks in the same process; rate_hz 0 = back to back, "
+        "R > 0 = one decision per 1/R s tick, asleep in between",
     }
     samples: dict[str, list[float]] = {}
 
