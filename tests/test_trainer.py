@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -228,6 +229,27 @@ def test_online_learner_fast_step_matches_reference_and_checkpoints(
     assert back.actor_sched.last_epoch == (6 if finetune_actor else 0)
 
 
+def _online_learner(
+    cfg: Any, store: ReplayStore, run_dir: Path, link: Any = None, **kw: Any
+) -> Any:
+    """An OnlineLearner on a fresh agent, no offline data, identity reward transform."""
+    from idql_runtime.agent import Agent
+    from idql_runtime.envs import RewardTransform
+    from idql_runtime.online import OnlineLearner
+
+    return OnlineLearner(
+        cfg,
+        Agent(cfg, store.obs_dim, store.act_dim),
+        store,
+        None,
+        link,
+        run_dir,
+        RewardTransform.from_dict({"kind": "none", "scale": 1.0, "shift": 0.0}),
+        meta={"obs_dim": store.obs_dim, "act_dim": store.act_dim},
+        **kw,
+    )
+
+
 @pytest.mark.parametrize(("update_s", "per_burst"), [(0.03, 4), (0.5, 1)])
 def test_online_learner_bounds_each_update_burst_in_time(
     hopper_store_path: Path,
@@ -243,21 +265,9 @@ def test_online_learner_bounds_each_update_burst_in_time(
     import types
 
     from idql_runtime import online
-    from idql_runtime.agent import Agent
-    from idql_runtime.envs import RewardTransform
 
     cfg = load_config(overrides={**TINY, "online.warmup_transitions": 10, "online.batch_size": 32})
-    store = ReplayStore.open(hopper_store_path)
-    ln = online.OnlineLearner(
-        cfg,
-        Agent(cfg, store.obs_dim, store.act_dim),
-        store,
-        None,
-        None,
-        tmp_path,
-        RewardTransform.from_dict({"kind": "none", "scale": 1.0, "shift": 0.0}),
-        meta={"obs_dim": store.obs_dim, "act_dim": store.act_dim},
-    )
+    ln = _online_learner(cfg, ReplayStore.open(hopper_store_path), tmp_path)
     now = [0.0]
     monkeypatch.setattr(online, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     real_update = ln.updater.update
@@ -361,8 +371,6 @@ def test_online_learner_never_ships_or_checkpoints_nonfinite_weights(
     """Non-finite weights at a publish or a checkpoint: nothing is sent or saved, the
     learner rolls back to its newest checkpoint (weights and optimiser state) and goes on;
     after 3 roll-backs with no good publish between them it stops updating."""
-    from idql_runtime.agent import Agent
-    from idql_runtime.envs import RewardTransform
     from idql_runtime.online import OnlineLearner
 
     cfg = load_config(overrides={**TINY, "online.warmup_transitions": 10, "online.batch_size": 32})
@@ -370,17 +378,7 @@ def test_online_learner_never_ships_or_checkpoints_nonfinite_weights(
     link = _RecordingLink()
 
     def learner(run_dir: Path, rollback_from: Path | None = None) -> OnlineLearner:
-        return OnlineLearner(
-            cfg,
-            Agent(cfg, store.obs_dim, store.act_dim),
-            store,
-            None,
-            link,
-            run_dir,
-            RewardTransform.from_dict({"kind": "none", "scale": 1.0, "shift": 0.0}),
-            meta={"obs_dim": store.obs_dim, "act_dim": store.act_dim},
-            rollback_from=rollback_from,
-        )
+        return _online_learner(cfg, store, run_dir, link=link, rollback_from=rollback_from)
 
     # nothing to roll back to (no checkpoint in the run, no --pretrained): updates stop
     lone = learner(tmp_path / "lone")
