@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.nice:
         # A learner sharing cores with actors must lose to them, not tie: at equal
-        # priority on 2 cores the demo's actors missed 31-47 % of their decision
-        # deadlines, niced 4.7 % (docs/decisions.md).
+        # priority on 2 cores the demo's actors missed 31-46 % of their decision
+        # deadlines, niced 3-7 % (docs/decisions.md).
         niceness = os.nice(args.nice)
         logging.getLogger("idql-learner").info("CPU priority lowered: nice %d", niceness)
     try:

@@ -249,7 +249,7 @@ def bench_decisions(agent: Any, args: argparse.Namespace) -> tuple[list[dict[str
     from idql_runtime.engines import build_engine, resolve_kind
 
     kinds = [k.strip() for k in args.engines.split(",") if k.strip()]
-    rates = _rates(args.rate_hz)
+    rates: list[float] = args.rates  # parsed and checked once, in main
     heavy = _heavy_shapes(args)
     rows: list[dict[str, Any]] = []
     samples: dict[str, list[float]] = {}
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         print("idql-bench: --device cuda asked for, but torch sees no CUDA GPU", file=sys.stderr)
         return 2
     try:
-        _rates(args.rate_hz)
+        args.rates = _rates(args.rate_hz)
     except ValueError as e:
         print(f"idql-bench: {e}", file=sys.stderr)
         return 2
