@@ -79,6 +79,33 @@ class Agent(nn.Module):
         self.v_opt = torch.optim.Adam(self.v.parameters(), lr=t.critic_lr, eps=1e-8, fused=fused)
         self.q_opt = torch.optim.Adam(self.q.parameters(), lr=t.critic_lr, eps=1e-8, fused=fused)
 
+    def apply_optimiser_config(self) -> None:
+        """Make the optimisers follow ``cfg.train`` (learning rates, the actor's weight decay
+        and cosine horizon), keeping their moments and step counts.
+
+        A restored agent's optimisers carry the learning rates saved with the checkpoint;
+        a learner that resumes with ``--set train.critic_lr=...`` must train at the new
+        rate, not record it in its config while using the old one. The actor's LR stays at
+        its cosine position: lr = actor_lr * cos_decay(k), k the scheduler's step count.
+        """
+        t = self.cfg.train
+        for opt in (self.v_opt, self.q_opt):
+            for group in opt.param_groups:
+                group["lr"] = t.critic_lr
+        decay = max(t.lr_decay_steps, 1)
+
+        def cosine(k: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(k, decay) / decay))
+
+        sched = self.actor_sched
+        sched.lr_lambdas = [cosine]
+        sched.base_lrs = [t.actor_lr]
+        for group in self.actor_opt.param_groups:
+            group["initial_lr"] = t.actor_lr
+            group["weight_decay"] = t.actor_weight_decay
+            group["lr"] = t.actor_lr * cosine(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.actor_opt.param_groups]  # get_last_lr()
+
     def optimisers(self) -> dict[str, Any]:
         return {
             "actor": self.actor_opt,

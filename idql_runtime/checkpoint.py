@@ -176,16 +176,57 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _verified[final] = _signature(final)  # just written and hashed: valid
     prune(root, keep)
     return final
 
 
+# checkpoint dir -> the (name, size, mtime) of its files when it last passed ``verify``:
+# prune re-hashes a checkpoint only when its files changed (load_checkpoint always does)
+_verified: dict[Path, tuple[tuple[str, int, int], ...]] = {}
+
+
+def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
+    stats = ((f.name, f.stat()) for f in sorted(path.iterdir()) if f.is_file())
+    return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
+
+
+def _valid(path: Path) -> bool:
+    try:
+        sig = _signature(path)
+        if _verified.get(path) != sig:
+            verify(path)
+            _verified[path] = sig
+        return True
+    except (CheckpointError, OSError, ValueError):
+        _verified.pop(path, None)
+        return False
+
+
 def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` valid checkpoints (and stale temp dirs).
+
+    Only checkpoints that pass ``verify`` count towards ``keep``: corrupt ones newer than
+    the oldest kept are left alone (``load_checkpoint`` skips them), and never make a
+    valid one be deleted. A learner restarted from ``--pretrained`` next to corrupt
+    checkpoints of higher iteration writes ``ckpt_`` names that sort below them; counting
+    the corrupt ones would delete each new checkpoint as soon as it was written.
+    """
     for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
         if stale.is_dir() and not _owned_by_live_writer(stale):
             shutil.rmtree(stale, ignore_errors=True)
-    ckpts = [p for p in list_checkpoints(root) if (p / "meta.json").exists()]  # complete ones
-    for old in ckpts[:-keep] if keep > 0 else []:
+    if keep <= 0:
+        return
+    complete = [p for p in list_checkpoints(root) if (p / "meta.json").exists()]
+    kept = 0
+    doomed: list[Path] = []
+    for cand in reversed(complete):  # newest first
+        if kept >= keep:
+            doomed.append(cand)
+        elif _valid(cand):
+            kept += 1
+    for old in doomed:
+        _verified.pop(old, None)
         # Out of the checkpoint names first, then deleted: a process killed inside the
         # delete leaves a .old-* directory (removed by a later prune), never a half-deleted
         # ckpt_* that nothing prunes because it is no longer complete.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -50,8 +51,13 @@ class ScoreNetConfig:
         if self.time_dim % 2:
             raise ConfigError(f"network.time_dim must be even, got {self.time_dim}")
         _positive("network.hidden_dim", self.hidden_dim)
+        _positive_list("network.cond_hidden", self.cond_hidden)
+        _integer("network.num_blocks", self.num_blocks, minimum=0)
+        _positive("network.expansion", self.expansion)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"network.dropout must be in [0, 1), got {self.dropout}")
+        _real("network.ln_eps", self.ln_eps, gt=0.0)
+        _real("network.fourier_std", self.fourier_std, ge=0.0)
 
 
 @dataclass
@@ -67,8 +73,9 @@ class DiffusionConfig:
     def validate(self) -> None:
         _positive("diffusion.steps", self.steps)
         _choice("diffusion.beta_schedule", self.beta_schedule, ("vp", "cosine", "linear"))
-        if self.temperature < 0:
-            raise ConfigError(f"diffusion.temperature must be >= 0, got {self.temperature}")
+        # 0 is the deterministic reverse process (no noise added)
+        _real("diffusion.temperature", self.temperature, ge=0.0)
+        _integer("diffusion.extra_final_steps", self.extra_final_steps, minimum=0)
 
 
 @dataclass
@@ -91,12 +98,16 @@ class CriticConfig:
         _choice("critic.value_loss", self.value_loss, ("expectile", "quantile", "exponential"))
         if not 0.0 < self.tau < 1.0:
             raise ConfigError(f"critic.tau must be in (0, 1), got {self.tau}")
-        if self.alpha <= 0:
-            raise ConfigError(f"critic.alpha must be > 0, got {self.alpha}")
+        _real("critic.alpha", self.alpha, gt=0.0)
         if self.num_qs < 1:
             raise ConfigError(f"critic.num_qs must be >= 1, got {self.num_qs}")
+        _positive_list("critic.hidden", self.hidden)
+        if self.exp_clip is not None:
+            _real("critic.exp_clip", self.exp_clip, gt=0.0)
         if not 0.0 <= self.discount <= 1.0:
             raise ConfigError(f"critic.discount must be in [0, 1], got {self.discount}")
+        # a rate of 0 would leave the target Q at its initial weights for the whole run
+        _real("critic.target_ema", self.target_ema, gt=0.0, le=1.0)
 
 
 @dataclass
@@ -147,7 +158,7 @@ class TrainConfig:
     eval_episodes: int = _f(50, "episodes per evaluation round")
     eval_samples: list[int] = _f([16, 64, 256], "N values evaluated each round")
     checkpoint_interval: int = _f(50_000, "iterations between checkpoints")
-    keep_checkpoints: int = _f(3, "newest checkpoints kept on disk")
+    keep_checkpoints: int = _f(3, "newest checkpoints kept on disk (0 = keep all)")
     learner_backend: str = _f(
         "auto",
         "update step of idql-learner (offline and online): reference (Agent.update), "
@@ -178,38 +189,64 @@ class TrainConfig:
             raise ConfigError(f"train.val_fraction must be in [0, 1), got {self.val_fraction}")
         _positive("train.checkpoint_interval", self.checkpoint_interval)
         _positive("train.log_interval", self.log_interval)
+        if self.critic_batch_rows is not None:
+            _positive("train.critic_batch_rows", self.critic_batch_rows)
+        _integer("train.lr_decay_steps", self.lr_decay_steps, minimum=0)
+        _real("train.actor_lr", self.actor_lr, ge=0.0)
+        _real("train.actor_weight_decay", self.actor_weight_decay, ge=0.0)
+        _real("train.critic_lr", self.critic_lr, ge=0.0)
+        _real("train.actor_ema", self.actor_ema, gt=0.0, le=1.0)
+        _real("train.awr_temperature", self.awr_temperature, ge=0.0)
+        _real("train.awr_max_weight", self.awr_max_weight, gt=0.0)
+        # the sampler's actions live in [-1, 1]: a wider clip trains on unreachable actions
+        _real("train.action_clip", self.action_clip, gt=0.0, le=1.0)
+        _integer("train.seed", self.seed, minimum=0)  # numpy's generators refuse negatives
+        _integer("train.threads", self.threads, minimum=0)
+        _integer("train.eval_interval", self.eval_interval, minimum=0)
+        _positive("train.eval_episodes", self.eval_episodes)
+        _positive_list("train.eval_samples", self.eval_samples)
+        _integer("train.keep_checkpoints", self.keep_checkpoints, minimum=0)
 
 
 @dataclass
 class OnlineConfig:
     """Online finetuning by the learner process (idql-reference.md s7)."""
 
-    warmup_transitions: int = _f(5000, "online transitions stored before updates start")
+    warmup_transitions: int = _f(
+        5000, "online transitions stored before updates start (0 = from the first batch)"
+    )
     batch_size: int = _f(256, "critic batch (reference: 128 online + 128 offline)")
     online_fraction: float = _f(0.5, "share of each batch drawn from the online store")
-    updates_per_transition: float = _f(1.0, "update-to-data ratio")
+    updates_per_transition: float = _f(
+        1.0, "update-to-data ratio (0 = only collect transitions, never update)"
+    )
     finetune_actor: bool = _f(False, "also update the behaviour model (paper variant 2)")
     publish_every: int = _f(100, "updates between weight broadcasts")
-    checkpoint_interval_s: float = _f(60.0, "seconds between periodic checkpoints")
+    checkpoint_interval_s: float = _f(
+        60.0, "seconds between periodic checkpoints (0 = after every loop that ran updates)"
+    )
     max_updates_per_poll: int = _f(32, "cap on updates between two network polls")
     max_update_burst_s: float = _f(
         0.1, "cap on seconds of updates between two network polls (acks wait for a poll)"
     )
 
     def validate(self) -> None:
+        # 0 is meaningful (train once rows arrive: updates are owed only by ingested rows,
+        # so the store is never empty when the first batch is sampled); < 0 is not
+        _integer("online.warmup_transitions", self.warmup_transitions, minimum=0)
+        # 0 rows give NaN losses silently, < 0 fails deep inside the sampler
+        _positive("online.batch_size", self.batch_size)
         if not 0.0 <= self.online_fraction <= 1.0:
             raise ConfigError(
                 f"online.online_fraction must be in [0, 1], got {self.online_fraction}"
             )
-        if self.updates_per_transition < 0:
-            raise ConfigError(
-                f"online.updates_per_transition must be >= 0, got {self.updates_per_transition}"
-            )
+        # inf would overflow int(owed_updates); NaN would never train, silently
+        _real("online.updates_per_transition", self.updates_per_transition, ge=0.0)
         _positive("online.publish_every", self.publish_every)
-        if not self.max_update_burst_s > 0:
-            raise ConfigError(
-                f"online.max_update_burst_s must be > 0, got {self.max_update_burst_s}"
-            )
+        _real("online.checkpoint_interval_s", self.checkpoint_interval_s, ge=0.0)
+        # 0 would cap every burst at no updates: the learner would never train
+        _positive("online.max_updates_per_poll", self.max_updates_per_poll)
+        _real("online.max_update_burst_s", self.max_update_burst_s, gt=0.0)
 
 
 @dataclass
@@ -270,10 +307,47 @@ def _positive(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _integer(name: str, value: Any, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _positive_list(name: str, values: Any) -> None:
+    if not isinstance(values, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values
+    ):
+        raise ConfigError(f"{name} must be a list of positive integers, got {values!r}")
+
+
+def _real(
+    name: str,
+    value: Any,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    le: float | None = None,
+) -> None:
+    """A finite number within the bounds given. Written as "ok unless", so that NaN (which
+    fails every comparison) is refused instead of slipping past a ``value < 0`` test."""
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (gt is None or value > gt)
+        and (ge is None or value >= ge)
+        and (le is None or value <= le)
+    )
+    if not ok:
+        bounds = [f"{op} {b:g}" for op, b in ((">", gt), (">=", ge), ("<=", le)) if b is not None]
+        raise ConfigError(f"{name} must be a finite number {' and '.join(bounds)}, got {value!r}")
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
+        if v is None and key in _SECTIONS:
+            continue  # an empty YAML section (every field commented out): the defaults
         if isinstance(v, dict) and key in _SECTIONS:
             out.update(_flatten(v, key + "."))
         else:
@@ -344,6 +418,12 @@ def _set(cfg: Config, key: str, value: Any) -> None:
         obj = getattr(obj, p)
     name = parts[-1]
     tp = _field_type(type(obj), name)
+    if dataclasses.is_dataclass(tp):
+        # a scalar in place of a whole section would only fail later, in validate()
+        raise ConfigError(
+            f"{key} is a config section, not a field: set its fields one by one "
+            f"({key}.FIELD=VALUE), got {key}={value!r}"
+        )
     setattr(obj, name, _coerce(key, value, tp))
 
 

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from argparse import Namespace
 from collections.abc import Iterable, Mapping
@@ -41,7 +40,7 @@ from idql_runtime.checkpoint import (
     restore_agent,
     save_checkpoint,
 )
-from idql_runtime.config import Config, config_from_flat, parse_overrides
+from idql_runtime.config import Config, ConfigError, config_from_flat, parse_overrides
 from idql_runtime.engines.learner_step import AgentUpdate, LearnerStep
 from idql_runtime.envs import RewardTransform
 from idql_runtime.replay import MixedSampler, ReplaySampler, ReplayStore
@@ -256,10 +255,17 @@ class OnlineLearner:
             committed = self.store.append(merged, commit_meta=meta)
         except OSError as e:
             self.counters["append_failures"] += 1
-            if self.store_healthy:
-                log.error("replay append failed, not acknowledging until it works again: %s", e)
-            self.store_healthy = False
-            return 0
+            if getattr(e, "committed", False):
+                # The commit landed (only an fsync after it failed): the rows and this seq
+                # table are in the store, so they count as committed. Leaving them un-acked
+                # with the old table would store the actors' resends a second time.
+                log.error("replay append committed, but not confirmed durable: %s", e)
+                committed = len(self.store)
+            else:
+                if self.store_healthy:
+                    log.error("replay append failed, not acknowledging until it works again: %s", e)
+                self.store_healthy = False
+                return 0
         if not self.store_healthy:
             log.info("replay store writable again")
         self.store_healthy = True
@@ -420,24 +426,35 @@ class OnlineLearner:
         to, updates stop (ingest goes on; the actors keep the last published weights)."""
         self.counters["rollbacks"] += 1
         self._rollbacks_in_a_row += 1
-        source: str | os.PathLike[str] | None = None
+        sources: list[str | os.PathLike[str]] = []
         if list_checkpoints(self.run_dir / "checkpoints"):
-            source = self.run_dir / "checkpoints"
-        elif self.rollback_from is not None:
-            source = self.rollback_from
-        if source is None or self._rollbacks_in_a_row > 3:
+            sources.append(self.run_dir / "checkpoints")
+        if self.rollback_from is not None:
+            sources.append(self.rollback_from)
+        ckpt, why = None, "nothing to roll back to"
+        if self._rollbacks_in_a_row > 3:
+            why = "3 roll-backs in a row"
+        else:
+            for source in sources:  # this run's newest valid checkpoint, else --pretrained
+                try:
+                    ckpt = load_checkpoint(source)
+                    break
+                except CheckpointError as e:  # every checkpoint of the run corrupt
+                    log.error("cannot roll back to %s: %s", source, e)
+                    why = "no valid checkpoint to roll back to"
+        if ckpt is None:
             self.training_paused = True
             log.error(
                 "non-finite %s after %d updates and %s: updates stop (ingest goes on, actors "
                 "keep the last published weights)",
                 what,
                 self.updates,
-                "nothing to roll back to" if source is None else "3 roll-backs in a row",
+                why,
             )
             return
-        ckpt = load_checkpoint(source)
         agent = restore_agent(ckpt, self.agent.device, optimisers=True)
         agent.cfg = self.cfg
+        agent.apply_optimiser_config()
         self.agent = agent
         self.updater = self._updater()  # a new step on the restored parameters
         self._last_metrics = {}
@@ -504,9 +521,23 @@ class OnlineLearner:
             **self.last_metrics,
         }
 
+    def forget_actors_gone_since_restart(self) -> list[int]:
+        """Actors with an open episode in the committed record that this learner's link has
+        not heard from: the link only declares dead the actors it has seen, so an actor that
+        died while the learner was down would keep its episode open for ever (reliability.md
+        #2). Called once, a heartbeat liveness period after start-up; returns their ids."""
+        live: dict[int, Any] = getattr(self.link, "actors", lambda: {})()
+        gone = sorted(int(a) for a in self.last_batch if int(a) not in live)
+        if gone:
+            log.warning("actors %s did not come back after the learner restarted", gone)
+            self.forget_dead_actors(gone)
+        return gone
+
     def run(self, max_seconds: float = 0.0, status_interval_s: float = 5.0) -> None:
         t_end = time.monotonic() + max_seconds if max_seconds > 0 else float("inf")
         next_status = time.monotonic() + status_interval_s
+        liveness_s = getattr(self.link, "heartbeat_liveness_s", None)
+        orphan_check = time.monotonic() + liveness_s if liveness_s else float("inf")
         self.publish()  # actors start on the learner's current weights
         while not self.stop_requested and time.monotonic() < t_end:
             busy = self.updates_owed_now()
@@ -522,6 +553,9 @@ class OnlineLearner:
             if dead or (self._meta_dirty and self.store_healthy):
                 self.forget_dead_actors(dead)
             now = time.monotonic()
+            if now >= orphan_check:
+                orphan_check = float("inf")
+                self.forget_actors_gone_since_restart()
             if now - self.last_checkpoint >= self.cfg.online.checkpoint_interval_s:
                 self.checkpoint()
             if now >= next_status:
@@ -548,11 +582,49 @@ def _open_or_create_store(
     return ReplayStore.create(path, obs_dim, act_dim, attrs=attrs)
 
 
+class LearnerStartupError(Exception):
+    """``idql-learner --pretrained`` cannot start with these inputs (a replay store of other
+    dims, no --replay, an unreadable offline dataset): exit status 2, the message says why.
+    Only start-up raises it, so an error of the running loop keeps its traceback."""
+
+
 def run_online_learner(args: Namespace) -> int:
     """Entry point of ``idql-learner --pretrained``; resumes from ``--run-dir`` if it has
     online checkpoints (store + checkpoint + optimiser state + sequence table)."""
+    learner = start_online_learner(args)
+
+    def _stop(signum: int, _frame: Any) -> None:
+        learner.stop_requested = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        learner.run(args.max_seconds, getattr(args, "status_interval_s", 5.0))
+    finally:
+        if learner.store_healthy:
+            learner.checkpoint()
+        print(json.dumps({"learner_final": learner.status()}), flush=True)
+        learner.link.close()
+        learner.store.close()
+    return 0
+
+
+def start_online_learner(args: Namespace) -> OnlineLearner:
+    """The OnlineLearner of ``idql-learner --pretrained``'s arguments, its store and link
+    open; bad inputs raise LearnerStartupError (ConfigError, the security checks'
+    errors, CheckpointError, StoreLockedError and FileNotFoundError as themselves)."""
+    from idql_runtime.transport import InsecureBindError
+
+    try:
+        return _start_online_learner(args)
+    except (ConfigError, InsecureBindError):  # ValueErrors with their own report
+        raise
+    except (ValueError, FileExistsError) as e:
+        raise LearnerStartupError(str(e)) from e
+
+
+def _start_online_learner(args: Namespace) -> OnlineLearner:
     from idql_runtime.transport import (
-        LearnerLink,
         check_bind_address,
         curve_from_dir,
         load_secret_key,
@@ -583,6 +655,7 @@ def run_online_learner(args: Namespace) -> int:
         torch.set_num_threads(cfg.train.threads)
     agent = restore_agent(ckpt, args.device, optimisers=True)
     agent.cfg = cfg
+    agent.apply_optimiser_config()  # --set train.critic_lr etc. act, not only get recorded
     tj = ckpt.meta.get("train_json", {}) if resumed else {}
     if resumed and "rng.torch_global" in ckpt.train_tensors:
         torch.set_rng_state(ckpt.train_tensors["rng.torch_global"])
@@ -593,21 +666,44 @@ def run_online_learner(args: Namespace) -> int:
         if k in ("env_id", "reward_transform", "ref_scores", "spaces", "dataset")
     }
     if not args.replay:
-        print("idql-learner: --pretrained needs --replay STORE", file=sys.stderr)
-        return 2
+        raise LearnerStartupError("--pretrained needs --replay STORE")
     store = _open_or_create_store(
         args.replay,
         agent.obs_dim,
         agent.act_dim,
         {"env_id": meta.get("env_id"), "source": "online"},
     )
+    try:
+        return _online_learner_on(
+            args, cfg, agent, store, ckpt, meta, transform, tj, resumed, curve
+        )
+    except BaseException:
+        store.close()  # its writer lock, for the next start
+        raise
+
+
+def _online_learner_on(
+    args: Namespace,
+    cfg: Config,
+    agent: Agent,
+    store: ReplayStore,
+    ckpt: Any,
+    meta: dict[str, Any],
+    transform: RewardTransform,
+    tj: dict[str, Any],
+    resumed: bool,
+    curve: Any,
+) -> OnlineLearner:
+    """The rest of start-up, on an open store (closed by the caller if this raises)."""
+    from idql_runtime.transport import LearnerLink
+
     offline = None
     if args.offline:
         from idql_runtime.datasets import open_dataset
 
-        offline = ReplaySampler(open_dataset(args.offline), seed=cfg.train.seed).split(
-            1.0 - cfg.train.val_fraction, seed=cfg.train.seed
-        )[0]
+        offline = ReplaySampler(open_dataset(args.offline), seed=cfg.train.seed)
+        if cfg.train.val_fraction > 0:  # the rows pretraining held out stay held out
+            offline = offline.split(1.0 - cfg.train.val_fraction, seed=cfg.train.seed)[0]
     link = LearnerLink(
         args.bind_ingest,
         args.bind_weights,
@@ -616,20 +712,24 @@ def run_online_learner(args: Namespace) -> int:
         heartbeat_liveness_s=args.heartbeat_liveness_s,
         actor_keys=store.commit_meta.get("actor_keys") if curve is not None else None,
     )
-    learner = OnlineLearner(
-        cfg,
-        agent,
-        store,
-        offline,
-        link,
-        run_dir,
-        transform,
-        meta=meta,
-        policy_version=int(tj.get("policy_version", 0)),
-        updates=int(tj.get("updates", 0)),
-        seed=cfg.train.seed,
-        rollback_from=args.pretrained,
-    )
+    try:
+        learner = OnlineLearner(
+            cfg,
+            agent,
+            store,
+            offline,
+            link,
+            Path(args.run_dir),
+            transform,
+            meta=meta,
+            policy_version=int(tj.get("policy_version", 0)),
+            updates=int(tj.get("updates", 0)),
+            seed=cfg.train.seed,
+            rollback_from=args.pretrained,
+        )
+    except BaseException:
+        link.close()
+        raise
     if resumed:
         learner.checkpointed_updates = learner.updates
     log.info(
@@ -644,21 +744,7 @@ def run_online_learner(args: Namespace) -> int:
         link.weights_endpoint,
         torch.get_num_threads(),
     )
-
-    def _stop(signum: int, _frame: Any) -> None:
-        learner.stop_requested = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    try:
-        learner.run(args.max_seconds, getattr(args, "status_interval_s", 5.0))
-    finally:
-        if learner.store_healthy:
-            learner.checkpoint()
-        print(json.dumps({"learner_final": learner.status()}), flush=True)
-        link.close()
-        store.close()
-    return 0
+    return learner
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -92,8 +92,16 @@ class ReplayWriteError(OSError):
     """An append could not be committed (disk full, read-only, IO error).
 
     Committed rows are intact and ``len(store)`` says how many there are; the same append
-    can be retried once the cause is gone.
+    can be retried once the cause is gone. ``committed`` is True in the one case where the
+    commit record's rename landed and only the directory fsync after it failed: the rows
+    and ``commit_meta`` of this append are then committed (visible, counted, and kept by a
+    crash of the process) but their survival of a power cut is not confirmed, and the
+    append must not be retried (it would store the rows twice).
     """
+
+    def __init__(self, code: int, message: str, *, committed: bool = False) -> None:
+        super().__init__(code, message)
+        self.committed = committed
 
 
 def _row_shape(field: Field, obs_dim: int, act_dim: int) -> tuple[int, ...]:
@@ -612,6 +620,14 @@ class ReplayStore:
             _write_commit_file(self.path, start + n, self._episodes + len(ends), meta)
         except OSError as e:
             rows, _ = self._reconcile_after_failure(start, n, work)
+            if n and rows == start + n:
+                raise ReplayWriteError(
+                    e.errno or errno.EIO,
+                    f"append of {n} rows to {self.path} was committed ({rows} rows now), but"
+                    f" an fsync after the commit failed ({e}): the rows may not survive a power"
+                    " cut; do not retry this append",
+                    committed=True,
+                ) from e
             raise ReplayWriteError(
                 e.errno or errno.EIO,
                 f"append of {n} rows to {self.path} was not committed ({e}); the {rows} committed"
@@ -1008,17 +1024,25 @@ class MixedSampler:
         return self.offline.refresh(), self.online.refresh()
 
     def sample(self, batch_size: int) -> dict[str, np.ndarray]:
-        """Rows ``[:n_offline]`` from offline, ``[n_offline:]`` from online."""
+        """``round(batch_size * online_fraction)`` rows from online, the rest from offline,
+        interleaved evenly: every prefix of the batch holds the same share (to within a
+        row). The critic trains on a prefix (``train.critic_batch_rows``, v1's 256), and
+        with the sources back to back a prefix no longer than the offline share saw no
+        online row at all."""
         n_online = int(round(batch_size * self.online_fraction)) if len(self.online) else 0
         if len(self.offline) == 0:
             n_online = batch_size
-        parts = []
-        if batch_size - n_online:
-            parts.append(self.offline._sample_with(self._rng, batch_size - n_online))
+        n_offline = batch_size - n_online
+        parts, slots = [], []
+        if n_offline:
+            parts.append(self.offline._sample_with(self._rng, n_offline))
+            slots.append((np.arange(n_offline) + 0.5) / n_offline)
         if n_online:
             parts.append(self.online._sample_with(self._rng, n_online))
+            slots.append((np.arange(n_online) + 0.5) / n_online)
+        order = np.argsort(np.concatenate(slots), kind="stable")
         keys = [k for k in parts[0] if all(k in p for p in parts)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+        return {k: np.concatenate([p[k] for p in parts])[order] for k in keys}
 
 
 # --------------------------------------------------------------------------- foreign zarr

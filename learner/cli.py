@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="seconds between the JSON status lines on stdout",
     )
-    p.add_argument("--config", help="YAML config (configs/*.yaml)")
+    p.add_argument(
+        "--config",
+        help="YAML config (configs/*.yaml); offline only: --pretrained runs on the "
+        "checkpoint's config, changed with --set",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -72,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", default="runs/learner", help="checkpoints, logs, TensorBoard")
     p.add_argument(
-        "--resume", action="store_true", help="continue from the run's newest checkpoint"
+        "--resume",
+        action="store_true",
+        help="offline only: continue from the run's newest checkpoint (--pretrained always "
+        "resumes from --run-dir's newest checkpoint when it has one)",
     )
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument(
@@ -104,22 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("idql-learner").info("CPU priority lowered: nice %d", niceness)
     try:
         if args.pretrained:
-            from idql_runtime.checkpoint import CheckpointError
-            from idql_runtime.online import run_online_learner
-            from idql_runtime.replay import StoreLockedError
-            from idql_runtime.transport import InsecureBindError, InsecureKeyFileError
-
-            try:
-                return run_online_learner(args)
-            except (
-                InsecureBindError,
-                InsecureKeyFileError,
-                CheckpointError,
-                StoreLockedError,
-                FileNotFoundError,
-            ) as e:  # refused at start-up: say why, no traceback
-                print(f"idql-learner: {e}", file=sys.stderr)
+            if args.config:
+                # The checkpoint's config is the one its weights were built with; a YAML
+                # file (the shipped ones set network.* too) could contradict them, and the
+                # merged config would be written into every online checkpoint.
+                print(
+                    f"idql-learner: --config {args.config} applies to offline pretraining "
+                    "only; with --pretrained the config is the checkpoint's: change its "
+                    "fields with --set section.field=value",
+                    file=sys.stderr,
+                )
                 return 2
+            return _run_online(args)
         if not args.dataset:
             print(
                 "idql-learner: give --dataset PATH (offline) or --pretrained CKPT (online)",
@@ -147,6 +150,35 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = trainer.run_dir / "checkpoints"
     print(f"done: {result['iteration']} iterations; checkpoints in {ckpt}")
     return 0
+
+
+def _run_online(args: argparse.Namespace) -> int:
+    from idql_runtime.checkpoint import CheckpointError
+    from idql_runtime.online import LearnerStartupError, run_online_learner
+    from idql_runtime.replay import StoreLockedError, is_replay_store
+    from idql_runtime.transport import InsecureBindError, InsecureKeyFileError
+
+    if args.replay and Path(args.replay).exists() and not is_replay_store(args.replay):
+        # Otherwise the store's create() refuses it with a hint meant for library callers
+        # (exist_ok=True), after the checkpoint has been loaded.
+        print(
+            f"idql-learner: --replay {args.replay} exists but is not an idql replay store; "
+            "give the store of an earlier run or a new path",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return run_online_learner(args)
+    except (
+        InsecureBindError,
+        InsecureKeyFileError,
+        CheckpointError,
+        StoreLockedError,
+        FileNotFoundError,
+        LearnerStartupError,
+    ) as e:  # refused at start-up: say why, no traceback
+        print(f"idql-learner: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

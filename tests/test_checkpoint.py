@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -158,3 +159,49 @@ def test_kill_inside_pruning_leaves_no_half_deleted_checkpoint(tmp_path: Path) -
     save_checkpoint(tmp_path, 4, a, meta={}, keep=2)
     assert not list(tmp_path.glob(".old-*"))
     assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == ["ckpt_000000003", "ckpt_000000004"]
+
+
+def _flip_a_byte(path: Path) -> None:
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+def test_prune_keeps_new_checkpoints_below_corrupt_ones_of_higher_iteration(
+    tmp_path: Path,
+) -> None:
+    """Only checkpoints that pass verify() count towards keep. A learner restarted from
+    --pretrained beside corrupt checkpoints of iterations 5000-7000 saves ckpt_000000100,
+    which sorts below them: counting the corrupt ones deleted every new checkpoint as it
+    was written, and the next restart lost the progress again."""
+    a = _agent()
+    for it in (5000, 6000, 7000):
+        _flip_a_byte(save_checkpoint(tmp_path, it, a, meta={}, keep=10) / "weights.safetensors")
+    save_checkpoint(tmp_path, 100, a, meta={"n": 100}, keep=3)
+    save_checkpoint(tmp_path, 200, a, meta={"n": 200}, keep=3)
+    names = sorted(p.name for p in tmp_path.glob("ckpt_*"))
+    assert names == [f"ckpt_{i:09d}" for i in (100, 200, 5000, 6000, 7000)]
+    assert load_checkpoint(tmp_path).meta["n"] == 200  # the corrupt ones are skipped
+    for it in (300, 400):
+        save_checkpoint(tmp_path, it, a, meta={"n": it}, keep=3)
+    names = sorted(p.name for p in tmp_path.glob("ckpt_*"))  # 3 valid ones, corrupt ones aside
+    assert names == [f"ckpt_{i:09d}" for i in (200, 300, 400, 5000, 6000, 7000)]
+
+
+def test_prune_rehashes_a_checkpoint_whose_files_changed(tmp_path: Path) -> None:
+    """prune caches a verified checkpoint by its files' sizes and mtimes; a file rewritten
+    since is hashed again, so a checkpoint corrupted after it was saved stops counting."""
+    a = _agent()
+    save_checkpoint(tmp_path, 1, a, meta={}, keep=2)
+    save_checkpoint(tmp_path, 2, a, meta={}, keep=2)
+    weights = tmp_path / "ckpt_000000002" / "weights.safetensors"
+    mtime_ns = weights.stat().st_mtime_ns
+    _flip_a_byte(weights)
+    os.utime(weights, ns=(mtime_ns + 10**9, mtime_ns + 10**9))  # a later write, whatever
+    # the file system's timestamp granularity
+    save_checkpoint(tmp_path, 3, a, meta={}, keep=2)  # 2 is corrupt now: 1 and 3 are kept
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == [
+        "ckpt_000000001",
+        "ckpt_000000002",
+        "ckpt_000000003",
+    ]

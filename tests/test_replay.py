@@ -6,6 +6,7 @@ import errno
 import os
 import subprocess
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,6 +289,33 @@ def test_injected_counter_write_failure(store, monkeypatch):
     np.testing.assert_array_equal(store.read(0, 15)["reward"], np.arange(15))
 
 
+def test_fsync_failing_after_the_commit_rename_reports_the_append_committed(store, monkeypatch):
+    # The record's rename is the commit; if only the directory fsync after it fails, the
+    # append is in the store, and a caller that retried it would store its rows twice.
+    store.append(rows(0, 10), commit_meta={"seq": 1})
+    commit_dir = replay.commit_record_path(store.path).parent
+    real = replay._fsync_path
+
+    def eio_on_commit_dir(path, directory=False):
+        if directory and Path(path) == commit_dir:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, directory)
+
+    monkeypatch.setattr(replay, "_fsync_path", eio_on_commit_dir)
+    with pytest.raises(ReplayWriteError, match="was committed .15 rows now.") as info:
+        store.append(rows(10, 15), commit_meta={"seq": 2})
+    assert info.value.committed and info.value.errno == errno.EIO
+    assert (len(store), store.commit_meta) == (15, {"seq": 2})
+    monkeypatch.undo()
+    assert store.append(rows(15, 20)) == 20  # the writer's state matches the record
+    with ReplayStore.open(store.path) as r:
+        np.testing.assert_array_equal(r.read(0, 20)["reward"], np.arange(20))
+    with pytest.raises(ReplayWriteError) as info:  # a failure before the rename: not committed
+        monkeypatch.setattr(replay, "_write_commit_file", _raise_enospc)
+        store.append(rows(20, 25))
+    assert not info.value.committed and len(store) == 20
+
+
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     mnt = tmp_path / "mnt"
@@ -426,9 +454,16 @@ def test_mixed_sampler_takes_fixed_fraction_from_each(tmp_path):
     online.append(rows(0, 30, actor_id=7))
     mixed.refresh()
     b = mixed.sample(256)
-    assert (b["actor_id"][:128] == -1).all() and (b["actor_id"][128:] == 7).all()
+    assert (b["actor_id"] == 7).sum() == 128 and set(b["actor_id"].tolist()) == {-1, 7}
+    # interleaved: every prefix keeps the share to within a row (the critic trains on a
+    # prefix, train.critic_batch_rows); back to back, the first 128 rows were all offline
+    for rows_ in (2, 64, 128, 255):
+        assert abs((b["actor_id"][:rows_] == 7).sum() - rows_ * 0.5) <= 1
+    np.testing.assert_array_equal(b["reward"], b["obs"][:, 0])  # one order for every key
     quarter = MixedSampler(ReplaySampler(offline), ReplaySampler(online), online_fraction=0.25)
-    assert (quarter.sample(256)["actor_id"] == 7).sum() == 64
+    q = quarter.sample(256)
+    assert (q["actor_id"] == 7).sum() == 64
+    assert [(q["actor_id"][:k] == 7).sum() for k in (4, 100, 128)] == [1, 25, 32]
     offline.close()
     online.close()
 
