@@ -4,9 +4,12 @@ optionally streaming transitions to a learner; or ``--serve`` actions to ZeroMQ 
 A thin process: it builds library objects (checkpoint -> agent -> engine -> Actor or
 ActionServer) and runs their loop. SIGINT/SIGTERM stop it cleanly: the control loop
 stops (a robot would hold), the link flushes with a bounded wait for acks, exit 0.
-Exit status: 0 done or stopped by a signal; 2 refused at start-up (bad checkpoint, an
-exposed bind without --curve-dir or --insecure, an unsafe key file); 3 stopped by
---overrun-limit late decisions in a row.
+Exit status: 0 done or stopped by a signal; 1 the control loop failed (the decision
+engine raised, or another error; logged with its traceback, after the link was still
+flushed and the final status line printed); 2 refused at start-up (bad checkpoint, env
+id, --rate-hz, --safe-action, link option or endpoint; an exposed bind without
+--curve-dir or --insecure, an unsafe key file); 3 stopped by --overrun-limit late
+decisions in a row.
 """
 
 from __future__ import annotations
@@ -190,6 +193,10 @@ def _auto_precision(
     return engine, engine32, states
 
 
+class StartupRefused(Exception):
+    """The actor cannot start with these arguments (exit status 2); nothing is left open."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -200,93 +207,156 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from idql_runtime.transport import InsecureBindError, InsecureKeyFileError
 
-    try:
-        if args.serve:
-            from actor.serve import serve
+    if args.serve:
+        from actor.serve import serve
 
+        try:
             return serve(args, agent, engine)
-        return act(args, agent, engine, meta, fallback, states)
-    except (InsecureBindError, InsecureKeyFileError, FileNotFoundError) as e:
-        print(f"idql-actor: {e}", file=sys.stderr)  # refused at start-up
+        except (InsecureBindError, InsecureKeyFileError, FileNotFoundError) as e:
+            print(f"idql-actor: {e}", file=sys.stderr)  # refused at start-up
+            return 2
+    try:
+        actor, link = start_actor(args, agent, engine, meta, fallback, states)
+    except StartupRefused as e:
+        print(f"idql-actor: {e}", file=sys.stderr)
         return 2
+    return run_actor(args, actor, link)
 
 
-def act(
+def start_actor(
     args: argparse.Namespace,
     agent: Any,
     engine: Any,
     meta: dict[str, Any],
     fallback: Any = None,
     states: Any = None,
-) -> int:
+) -> tuple[Any, Any]:
+    """(Actor, ActorLink or None), or StartupRefused saying why, with nothing left open.
+
+    Only start-up errors become StartupRefused (exit 2): ``run_actor`` handles failures
+    of the run itself, so that a control loop that fails is never reported as refused."""
     from idql_runtime.actor_runtime import Actor
-    from idql_runtime.transport import ActorLink
+    from idql_runtime.transport import ActorLink, InsecureBindError, InsecureKeyFileError
 
     env_id = args.env or meta.get("env_id")
     if not env_id:
-        print("idql-actor: the checkpoint names no env; pass --env", file=sys.stderr)
-        return 2
+        raise StartupRefused("the checkpoint names no env; pass --env")
+    refused = (ValueError, FileNotFoundError, InsecureBindError, InsecureKeyFileError)
+    try:
+        safe = _parse_safe_action(args.safe_action)
+        weights = (args.weights or _next_port(args.learner)) if args.learner else None
+        curve = _curve(args.curve_dir, "client") if args.learner else None
+    except refused as e:
+        raise StartupRefused(str(e)) from e
     link = None
     if args.learner:
-        weights = args.weights or _next_port(args.learner)
-        link = ActorLink(
-            args.learner,
-            weights,
-            args.actor_id,
-            buffer_capacity=args.buffer_capacity,
-            batch_size=args.send_batch,
-            resend_timeout_s=args.resend_timeout_s,
-            curve=_curve(args.curve_dir, "client"),
+        try:
+            link = ActorLink(
+                args.learner,
+                weights,
+                args.actor_id,
+                buffer_capacity=args.buffer_capacity,
+                batch_size=args.send_batch,
+                resend_timeout_s=args.resend_timeout_s,
+                curve=curve,
+            )
+        # Anything the constructor raises (its checks, or zmq refusing a malformed
+        # endpoint) means no link; zmq's error type stays inside the transport package.
+        except Exception as e:
+            raise StartupRefused(
+                f"cannot open the learner link (--learner {args.learner!r}, weights "
+                f"{weights!r}): {type(e).__name__}: {e}"
+            ) from e
+    try:
+        actor = Actor(
+            agent,
+            engine,
+            env_id,
+            actor_id=args.actor_id,
+            rate_hz=args.rate_hz,
+            link=link,
+            seed=args.seed,
+            overrun_limit=args.overrun_limit,
+            safe_action=safe,
+            status_interval_s=args.status_interval_s,
+            float32_fallback=fallback,
+            precision_states=states,
         )
-    safe = (
-        np.array([float(x) for x in args.safe_action.split(",")], np.float32)
-        if args.safe_action
-        else None
-    )
-    actor = Actor(
-        agent,
-        engine,
-        env_id,
-        actor_id=args.actor_id,
-        rate_hz=args.rate_hz,
-        link=link,
-        seed=args.seed,
-        overrun_limit=args.overrun_limit,
-        safe_action=safe,
-        status_interval_s=args.status_interval_s,
-        float32_fallback=fallback,
-        precision_states=states,
-    )
+    except BaseException as e:
+        if link is not None:
+            link.close()  # nothing was submitted: no flush to wait for
+        if isinstance(e, ValueError):
+            raise StartupRefused(str(e)) from e
+        raise
+    return actor, link
+
+
+def run_actor(args: argparse.Namespace, actor: Any, link: Any) -> int:
+    """Run the control loop, then flush the link and print the final status line; the
+    link is flushed and the actor closed whether the loop ends or fails (exit status 1,
+    logged with the traceback: transitions executed before a failure are still data)."""
+    log = logging.getLogger("idql-actor")
 
     def _stop(signum: int, _frame: Any) -> None:
         actor.stop_requested = True
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    report = actor.run(episodes=args.episodes, max_seconds=args.max_seconds)
-    flushed = link.close(flush_timeout_s=args.flush_timeout_s) if link else True
-    final = {
-        "actor_final": {
-            **actor.status(),
-            "stop_reason": report.stop_reason,
-            "returns": [round(r, 2) for r in report.returns],
-            "policy_versions": report.policy_versions,
-            "weight_swaps": report.weight_swaps,
-            "weights_refused": report.weights_refused,
-            "precision_fallback_version": report.precision_fallback_version,
-            "precision_return_version": report.precision_return_version,
-            "precision_events": report.precision_events,
-            "flushed": flushed,
-            "engine": actor.engine.name,
-            "dtype": actor.engine.describe()["dtype"],
-            "precision_check": actor.engine.info.get("precision_check"),
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    failure = ""
+    link_closing = False
+    try:
+        try:
+            report = actor.run(episodes=args.episodes, max_seconds=args.max_seconds)
+        except Exception as e:
+            log.exception("the control loop failed; flushing the link and stopping")
+            failure = f"{type(e).__name__}: {e}"
+            if e.__cause__ is not None:  # DecisionEngineFailed chains the engine's error
+                failure += f" (from {type(e.__cause__).__name__}: {e.__cause__})"
+            report = actor.report
+            report.stop_reason = f"failed: {failure}"
+        link_closing = True
+        flushed = link.close(flush_timeout_s=args.flush_timeout_s) if link else True
+        final = {
+            "actor_final": {
+                **actor.status(),
+                "stop_reason": report.stop_reason,
+                "returns": [round(r, 2) for r in report.returns],
+                "policy_versions": report.policy_versions,
+                "weight_swaps": report.weight_swaps,
+                "weights_refused": report.weights_refused,
+                "precision_fallback_version": report.precision_fallback_version,
+                "precision_return_version": report.precision_return_version,
+                "precision_events": report.precision_events,
+                "flushed": flushed,
+                "engine": actor.engine.name,
+                "dtype": actor.engine.describe()["dtype"],
+                "precision_check": actor.engine.info.get("precision_check"),
+            }
         }
-    }
-    if link:
-        final["actor_final"]["link_final"] = link.stats()
-    actor.close()
-    print(json.dumps(final, default=float), flush=True)
+        if link:
+            final["actor_final"]["link_final"] = link.stats()
+        print(json.dumps(final, default=float), flush=True)
+    finally:
+        if link is not None and not link_closing:  # interrupted before the flush: no wait
+            link.close()
+        actor.close()
+        for sig, handler in previous.items():  # in-process callers get theirs back
+            signal.signal(sig, handler)
+    if failure:
+        print(f"idql-actor: the control loop failed: {failure}", file=sys.stderr)
+        return 1
     return 0 if not report.stop_reason.startswith("overrun_limit") else 3
+
+
+def _parse_safe_action(text: str | None) -> np.ndarray | None:
+    """--safe-action "a,b,c" as an array (its length and range the Actor checks)."""
+    if not text:
+        return None
+    try:
+        return np.array([float(x) for x in text.split(",")], np.float32)
+    except ValueError:
+        raise ValueError(
+            f"--safe-action must be comma-separated numbers, one per action dimension, got {text!r}"
+        ) from None
 
 
 def _next_port(endpoint: str) -> str:
@@ -296,13 +366,13 @@ def _next_port(endpoint: str) -> str:
     return f"{head}:{int(port) + 1}"
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def _curve(directory: str | None, role: str) -> Any:
     if not directory:
         return None
     from idql_runtime.transport import curve_from_dir
 
     return curve_from_dir(directory, role)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 
 from idql_runtime.agent import Agent
-from idql_runtime.control import DeadlineDecider, DecisionEngineFailed, OverrunLimit, RateKeeper
+from idql_runtime.control import (
+    DeadlineDecider,
+    DecisionEngineFailed,
+    OverrunLimit,
+    RateKeeper,
+    check_rate_hz,
+    check_safe_action,
+)
 from idql_runtime.envs import control_rate_hz, make_env
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,11 @@ class Actor:
         new ones. ``precision_states``: the calibration states of that check; given, the
         actor re-runs the check on the new score network in the idle time between ticks
         (``idle_work``) and returns to the reduced engine if it passes."""
+        # Refuse bad settings before the env exists, so that a refusal leaks nothing.
+        if rate_hz is not None:
+            rate_hz = check_rate_hz(rate_hz)
+        if safe_action is not None:
+            safe_action = check_safe_action(safe_action, agent.act_dim)
         self.agent, self.engine, self.link = agent, engine, link
         self._pair: tuple[Any, Any] | None = (
             (engine, float32_fallback) if float32_fallback is not None else None

@@ -15,6 +15,7 @@ control loop would be visible (reliability.md #3, #8).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -33,12 +34,49 @@ class DecisionEngineFailed(RuntimeError):
     """The decision function raised; the cause is chained (``__cause__``)."""
 
 
+def check_rate_hz(rate_hz: float) -> float:
+    """``rate_hz`` if it is a usable control rate (finite, >= 0; 0 = as fast as possible),
+    else ValueError naming it. ``nan < 0`` is False, so a plain sign check would let NaN
+    through: it runs unpaced with no deadline and reports NaN as the target rate."""
+    rate_hz = float(rate_hz)
+    if not (math.isfinite(rate_hz) and rate_hz >= 0):
+        raise ValueError(
+            f"rate_hz must be finite and >= 0 (0 = as fast as possible), got {rate_hz}"
+        )
+    return rate_hz
+
+
+def check_safe_action(safe_action: Any, act_dim: int) -> np.ndarray:
+    """``safe_action`` as a float32 array of shape (act_dim,), finite and within the
+    actions' range [-1, 1], else ValueError naming it and ``act_dim``.
+
+    Checked where it enters, because the fallback is executed only when a decision is
+    late: a wrong length would surface there as a broadcast error inside ``env.step``
+    (or, length 1, be broadcast by the env's clip yet stored as one value, which makes
+    the whole transition batch unencodable), and a value outside [-1, 1] would be
+    executed clipped but stored unclipped."""
+    try:
+        action = np.asarray(safe_action, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"safe_action must be {act_dim} numbers, got {safe_action!r}") from e
+    if action.shape != (act_dim,):
+        raise ValueError(
+            f"safe_action must have shape (act_dim,) = ({act_dim},), got {safe_action!r} "
+            f"of shape {action.shape}"
+        )
+    if not (np.isfinite(action).all() and (np.abs(action) <= 1.0).all()):
+        raise ValueError(
+            f"safe_action must be finite and within [-1, 1] (act_dim {act_dim}), got "
+            f"{action.tolist()}"
+        )
+    return action
+
+
 class RateKeeper:
     """Tick scheduler; ``rate_hz = 0`` means as fast as possible."""
 
     def __init__(self, rate_hz: float, clock: Callable[[], float] = time.monotonic) -> None:
-        if rate_hz < 0:
-            raise ValueError(f"rate_hz must be >= 0, got {rate_hz}")
+        rate_hz = check_rate_hz(rate_hz)
         self.rate_hz = rate_hz
         self.period_s = 1.0 / rate_hz if rate_hz > 0 else 0.0
         self.clock = clock
@@ -122,7 +160,8 @@ class DeadlineDecider:
     """decide(obs) within a deadline, or a fallback action.
 
     ``decide_fn`` maps obs (obs_dim,) -> action (act_dim,). ``safe_action`` None means
-    "hold the last executed action" (zeros before the first one).
+    "hold the last executed action" (zeros before the first one); else (act_dim,) in
+    [-1, 1] (``check_safe_action``).
     """
 
     def __init__(
@@ -135,7 +174,7 @@ class DeadlineDecider:
         own_thread: bool = True,
     ) -> None:
         self.decide_fn = decide_fn
-        self.safe_action = None if safe_action is None else np.asarray(safe_action, np.float32)
+        self.safe_action = None if safe_action is None else check_safe_action(safe_action, act_dim)
         self.last_action = np.zeros(act_dim, np.float32)
         self.overrun_limit = overrun_limit
         self.stats = DecisionStats()

@@ -116,3 +116,39 @@ def test_run_between_runs_on_the_decision_thread_and_never_beside_a_decision() -
         assert not late and a.tolist() == [3.0, 3.0]
     finally:
         d.close()
+
+
+@pytest.mark.parametrize("rate_hz", [float("nan"), float("inf"), -1.0])
+def test_rate_keeper_refuses_a_rate_that_is_not_finite_and_non_negative(rate_hz: float) -> None:
+    # nan < 0 is False: a sign check alone would run unpaced and report NaN as the target
+    with pytest.raises(ValueError, match=f"got {rate_hz}"):
+        RateKeeper(rate_hz)
+
+
+@pytest.mark.parametrize(
+    ("safe_action", "why"),
+    [
+        ([0.0, 0.0], r"\(3,\).*shape \(2,\)"),  # would crash env.step when executed
+        ([0.0], r"\(3,\).*shape \(1,\)"),  # broadcast by the env, yet stored as one value
+        ([0.0, 1.5, 0.0], r"within \[-1, 1\] \(act_dim 3\), got \[0.0, 1.5, 0.0\]"),
+        ([0.0, float("nan"), 0.0], "finite"),
+        (["abc", 0.0, 0.0], "3 numbers, got"),
+    ],
+)
+def test_safe_action_must_be_act_dim_finite_values_in_range(safe_action: list, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        DeadlineDecider(lambda o: np.zeros(3, np.float32), 3, safe_action=safe_action)
+
+
+def test_a_valid_safe_action_is_executed_exactly_as_given() -> None:
+    # float32, shape (act_dim,): what the env executes is what the transition stores
+    d = DeadlineDecider(
+        lambda o: (time.sleep(0.05), np.ones(3, np.float32))[1],
+        3,
+        safe_action=[-1.0, 0.25, 1.0],  # the range's ends are allowed
+    )
+    try:
+        a, late = d.decide(np.zeros(1), time.monotonic() + 0.001)
+        assert late and a.dtype == np.float32 and a.tolist() == [-1.0, 0.25, 1.0]
+    finally:
+        d.close()

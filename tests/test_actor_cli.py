@@ -1,0 +1,163 @@
+"""``idql-actor`` in-process: start-up refusals (exit 2) and a control loop that fails
+(exit 1, the link still flushed), with a real Hopper-v5 env and a tiny real checkpoint."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from actor.cli import main
+from tests import faults
+from tests.procs import free_port_pair
+
+
+@pytest.fixture(scope="module")
+def ckpt(hopper_store_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return faults.shared_checkpoint(hopper_store_path, tmp_path_factory.getbasetemp())
+
+
+def base_args(ckpt: Path) -> list[str]:
+    return ["--checkpoint", str(ckpt), "--env", "Hopper-v5", "--engine", "eager"]
+
+
+def live_threads(prefix: str) -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(prefix) and t.is_alive()]
+
+
+LEARNER = "tcp://127.0.0.1:{port}"  # nothing listens there: the link is only opened
+
+REFUSALS = [
+    pytest.param(["--env", "NoSuchEnv-v0"], "NoSuchEnv-v0", id="bad-env"),
+    # the link opens first, then the Actor refuses the env: the link must be closed again
+    pytest.param(
+        ["--env", "NoSuchEnv-v0", "--learner", LEARNER], "NoSuchEnv-v0", id="bad-env-with-link"
+    ),
+    pytest.param(["--learner", "ipc:///tmp/idql-x"], "pass --weights", id="ipc-without-weights"),
+    pytest.param(["--rate-hz", "-1"], "got -1.0", id="rate-negative"),
+    pytest.param(["--rate-hz", "nan"], "got nan", id="rate-nan"),
+    pytest.param(["--rate-hz", "inf"], "got inf", id="rate-inf"),
+    pytest.param(["--safe-action", "abc"], "'abc'", id="safe-not-a-number"),
+    pytest.param(["--safe-action", "0,0"], "(3,)", id="safe-too-short"),
+    pytest.param(["--safe-action", "0"], "(3,)", id="safe-one-value"),
+    pytest.param(["--safe-action", "0,0,2"], "[-1, 1]", id="safe-out-of-range"),
+    pytest.param(["--safe-action", "0,nan,0"], "finite", id="safe-nan"),
+    pytest.param(["--learner", LEARNER, "--send-batch", "0"], "batch_size=0", id="send-batch-0"),
+    pytest.param(
+        ["--learner", "tcp://127.0.0.1:notaport", "--weights", "tcp://127.0.0.1:notaport"],
+        "notaport",
+        id="malformed-endpoint",
+    ),
+]
+
+
+@pytest.mark.parametrize(("extra", "names"), REFUSALS)
+def test_start_up_refusal_exits_2_with_a_message_and_leaves_nothing_open(
+    ckpt: Path, extra: list[str], names: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port_pair()
+    extra = [a.format(port=port) for a in extra]
+    rc = main([*base_args(ckpt), "--max-seconds", "0.5", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]  # documented: refused at start-up
+    lines = [ln for ln in err.splitlines() if ln.startswith("idql-actor: ")]
+    assert len(lines) == 1 and names in lines[0], err[-2000:]  # the message names the value
+    assert "Traceback" not in err
+    assert live_threads("ActorLink-") == [] and live_threads("idql-decider") == []
+
+
+class FailingEngine:
+    """Wraps an engine; its ``fail_at``-th decide call raises (warm-up calls count)."""
+
+    def __init__(self, engine: Any, fail_at: int) -> None:
+        self._engine, self.fail_at, self.calls = engine, fail_at, 0
+
+    def decide(self, obs: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("injected engine fault")
+        return self._engine.decide(obs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+@pytest.mark.parametrize(
+    ("fail_at", "reason"),
+    [
+        # call 43: 3 warm-up calls, then 39 ticks; the decider surfaces it as
+        # DecisionEngineFailed, which Actor.run does not catch (only OverrunLimit)
+        pytest.param(43, "failed: DecisionEngineFailed", id="in-the-loop"),
+        pytest.param(2, "failed: RuntimeError", id="in-warm-up"),  # before the loop starts
+    ],
+)
+def test_a_failing_control_loop_still_flushes_the_link_and_exits_1(
+    ckpt: Path,
+    fail_at: int,
+    reason: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import idql_runtime.engines as engines
+
+    build = engines.build_engine
+    monkeypatch.setattr(  # actor.cli imports build_engine at call time
+        engines, "build_engine", lambda *a, **kw: FailingEngine(build(*a, **kw), fail_at)
+    )
+    fl = faults.FakeLearner(free_port_pair())
+    sigint_before = signal.getsignal(signal.SIGINT)
+    try:
+        rc = main(
+            [
+                *base_args(ckpt),
+                "--rate-hz", "0", "--max-seconds", "30", "--send-batch", "64",
+                "--safe-action", faults.SAFE_ARG, "--flush-timeout-s", "10",
+                "--learner", f"tcp://127.0.0.1:{fl.port}",
+                "--weights", f"tcp://127.0.0.1:{fl.port + 1}",
+            ]
+        )  # fmt: skip
+        out, err = capsys.readouterr()
+        assert rc == 1, err[-2000:]  # documented: the control loop failed
+        fin = json.loads(next(ln for ln in out.splitlines() if "actor_final" in ln))["actor_final"]
+        steps = max(fail_at - 4, 0)  # decisions that succeeded on the clock, each executed
+        assert fin["stop_reason"].startswith(reason) and "injected engine fault" in err
+        assert fin["steps"] == steps
+        # fewer rows than --send-batch: they reached the learner only through the flush
+        assert fin["flushed"] and fl.row_count(0) == steps
+        assert "idql-actor: the control loop failed" in err
+        assert live_threads("ActorLink-") == [] and live_threads("idql-decider") == []
+        assert signal.getsignal(signal.SIGINT) is sigint_before  # the caller's handler back
+    finally:
+        fl.close()
+
+
+def test_overrun_limit_still_exits_3_after_flushing(
+    ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At 20 kHz no decision meets its 45 us deadline: 5 late in a row stop the actor
+    (exit 3, not the failure status 1), each executed fallback being the safe action."""
+    fl = faults.FakeLearner(free_port_pair())
+    try:
+        rc = main(
+            [
+                *base_args(ckpt),
+                "--rate-hz", "20000", "--overrun-limit", "5", "--max-seconds", "30",
+                "--safe-action", faults.SAFE_ARG,
+                "--learner", f"tcp://127.0.0.1:{fl.port}",
+                "--weights", f"tcp://127.0.0.1:{fl.port + 1}",
+            ]
+        )  # fmt: skip
+        out, err = capsys.readouterr()
+        assert rc == 3, err[-2000:]
+        fin = json.loads(next(ln for ln in out.splitlines() if "actor_final" in ln))["actor_final"]
+        assert fin["stop_reason"].startswith("overrun_limit") and fin["flushed"]
+        rows = fl.table(0)["action"]
+        assert len(rows) == fin["steps"] == 4  # the 5th late decision stops before acting
+        assert (rows == faults.SAFE).all()
+    finally:
+        fl.close()
