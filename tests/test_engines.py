@@ -163,23 +163,47 @@ def test_partial_load_swaps_only_the_groups_given(kind: str) -> None:
 
 
 def test_load_weights_rejects_bad_tensors_and_leaves_weights_alone() -> None:
-    agent = _agent()
-    eng = build_engine(agent, kind="cpu", samples=16)
+    """A rejected load writes nothing. Each bad dict is *another* agent's weights with the
+    bad tensor last in its order, so a load that checks and writes tensor by tensor would
+    have written every other tensor before raising: the engine's weights and decisions
+    are compared exactly with what they were."""
+    from idql_runtime.engines.base import decision_state
+
+    eng = build_engine(_agent(seed=0), kind="cpu", samples=16)
     obs, noise = torch.randn(1, 17), _noise(eng)
-    before = eng.decide_with_noise(obs, noise).action
-    state = agent.inference_state()
-    bad = dict(state)
-    bad["v.mlp.0.weight"] = torch.zeros(3, 3)
-    with pytest.raises(ValueError, match="v.mlp.0.weight"):
+    before = eng.decide_with_noise(obs, noise)
+    weights = {k: v.clone() for k, v in decision_state(eng.decision).items()}
+    other = _agent(seed=1).inference_state()
+    last = list(other)[-1]  # "v.mlp.4.bias": checked last by a load in dict order
+
+    def unchanged() -> None:
+        now = decision_state(eng.decision)
+        changed = [k for k, v in weights.items() if not torch.equal(now[k], v)]
+        assert not changed, f"a rejected load wrote {len(changed)} tensor(s): {changed[:3]}"
+        after = eng.decide_with_noise(obs, noise)
+        assert torch.equal(after.action, before.action)
+        assert torch.equal(after.index, before.index)
+
+    bad = dict(other)
+    bad[last] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=f"{last} has shape"):
         eng.load_weights(bad)
-    missing = {k: v for k, v in state.items() if not k.startswith("q_target.")}
+    unchanged()
+    missing = {k: v for k, v in other.items() if k != last}
     with pytest.raises(ValueError, match="missing"):
         eng.load_weights(missing)
-    nan = dict(state)
-    nan["score_ema.out.bias"] = torch.full_like(state["score_ema.out.bias"], float("nan"))
-    with pytest.raises(ValueError, match="non-finite"):
+    unchanged()
+    nan = dict(other)
+    nan[last] = torch.full_like(other[last], float("nan"))
+    with pytest.raises(ValueError, match=f"{last} has non-finite"):
         eng.load_weights(nan)
-    torch.testing.assert_close(eng.decide_with_noise(obs, noise).action, before)
+    unchanged()
+    with pytest.raises(ValueError, match="unexpected"):
+        eng.load_weights({**other, "v.mlp.6.bias": torch.zeros(1)})
+    unchanged()
+    # the other agent's weights do move the decision, so a partial write could be seen
+    eng.load_weights(other)
+    assert (eng.decide_with_noise(obs, noise).action - before.action).abs().max() > 1e-3
 
 
 def test_engine_owns_its_weights() -> None:
@@ -324,6 +348,25 @@ def test_graph_report_flags_unconvertible_ops() -> None:
 
     rep = graph_report(torch.export.export(Sorts(), (torch.randn(3, 3),), strict=True))
     assert not rep.ok and rep.not_convertible
+
+
+def test_bf16_export_leaves_the_agents_networks_in_float32() -> None:
+    """agent.decision() shares score_ema, q_target and v with the agent: exporting it in
+    bfloat16 must cast a copy, or the agent would go on training bf16 parameters."""
+    from idql_runtime.engines.base import spec_of
+    from idql_runtime.engines.export import export_decision
+
+    agent = _agent(tiny=True)
+    nets = {"score_ema": agent.score_ema, "q_target": agent.q_target, "v": agent.v}
+    before = {
+        f"{n}.{k}": t.detach().clone() for n, m in nets.items() for k, t in m.state_dict().items()
+    }
+    ep = export_decision(agent.decision(), spec_of(agent, 1, 8, None), compute_dtype=torch.bfloat16)
+    assert {t.dtype for t in ep.state_dict.values()} == {torch.bfloat16}  # the export is bf16
+    after = {f"{n}.{k}": t for n, m in nets.items() for k, t in m.state_dict().items()}
+    for k, t in before.items():
+        assert after[k].dtype == t.dtype == torch.float32, k
+        assert torch.equal(after[k], t), k
 
 
 def test_onnx_export_matches_eager_in_onnxruntime(tmp_path) -> None:
@@ -523,6 +566,86 @@ def test_idql_bench_writes_json_table_and_histogram(tmp_path, capsys) -> None:
     assert any(line.split()[3:4] == ["400"] for line in captured.err.splitlines())  # Hz column
     assert main(["--rate-hz", "-5", "--out", str(tmp_path)]) == 2
     assert "--rate-hz takes rates >= 0 (0 = back to back), got '-5'" in capsys.readouterr().err
+
+
+def _bench_json(capsys: pytest.CaptureFixture, argv: list[str]) -> tuple[dict, str]:
+    import json
+
+    from idql_runtime.cli.bench import main
+
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    return json.loads(captured.out[captured.out.index("{\n") :]), captured.err
+
+
+def test_idql_bench_auto_falls_back_as_build_engine_does(
+    tmp_path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--engines auto builds through build_engine(kind="auto"): when its first candidate
+    (cpu here, stood in for by one that raises) fails to build, the row is timed on the
+    next one (eager), says so (auto>eager) and lists the failure."""
+    import idql_runtime.engines as engines
+
+    real = engines._factory
+
+    def factory(kind: str):
+        if kind != "cpu":
+            return real(kind)
+
+        def fail(*args, **kw):
+            raise RuntimeError("stand-in: cpu engine failed to build")
+
+        return fail
+
+    monkeypatch.setattr(engines, "_factory", factory)
+    out, err = _bench_json(
+        capsys,
+        ["--engines", "auto,cpu", "--samples", "8", "--batch", "1", "--iters", "10",
+         "--max-seconds", "0.2", "--out", str(tmp_path)],
+    )  # fmt: skip
+    rows = {r["requested"]: r for r in out["decision"]}
+    auto = rows["auto"]
+    assert "error" not in auto, auto
+    assert auto["engine"] == "eager" and auto["p50_us"] > 0 and auto["eager_p50_us"] > 0
+    assert auto["auto_failed"] == ["cpu: RuntimeError: stand-in: cpu engine failed to build"]
+    assert auto["info"]["auto"]["candidates"] == ["cpu", "eager"]
+    assert "auto>eager" in err
+    assert rows["cpu"]["engine"] == "cpu" and "stand-in" in rows["cpu"]["error"]
+
+
+def test_idql_bench_records_the_dtype_each_engine_was_built_in(tmp_path, capsys) -> None:
+    """--dtype bfloat16: the eager row is built in float32 (the baseline) and says float32;
+    the cpu engine is built in bfloat16 and says so."""
+    out, _ = _bench_json(
+        capsys,
+        ["--engines", "eager,cpu", "--dtype", "bfloat16", "--samples", "8", "--batch", "1",
+         "--iters", "10", "--max-seconds", "0.2", "--out", str(tmp_path)],
+    )  # fmt: skip
+    rows = {r["requested"]: r for r in out["decision"]}
+    assert rows["eager"]["dtype"] == "float32" and rows["eager"]["info"]["precision"] == "full"
+    assert rows["cpu"]["dtype"] == "bfloat16"
+
+
+def test_idql_bench_learner_times_the_checkpoints_agent(tmp_path, capsys) -> None:
+    """--learner --checkpoint: the learner rows run the checkpoint's config and sizes
+    (obs 5, act 2, 32 wide, 1 block), not the default agent, and say so."""
+    from idql_runtime.checkpoint import save_checkpoint
+
+    agent = _agent(tiny=True, obs_dim=5, act_dim=2)
+    ckpt = save_checkpoint(tmp_path / "run", 1, agent, meta={})
+    out, err = _bench_json(
+        capsys,
+        ["--checkpoint", str(ckpt), "--no-decisions", "--learner", "--learner-backends",
+         "reference,eager", "--learner-batch", "16", "--learner-iters", "5",
+         "--out", str(tmp_path / "out")],
+    )  # fmt: skip
+    assert out["weights"]["source"] == "checkpoint"
+    assert [r["requested"] for r in out["learner"]] == ["reference", "eager"]
+    for row in out["learner"]:
+        assert "error" not in row, row  # a 17-dim default agent would reject 5-dim obs
+        about = {k: row.get(k) for k in ("weights", "obs_dim", "act_dim", "hidden_dim")}
+        assert about == {"weights": "checkpoint", "obs_dim": 5, "act_dim": 2, "hidden_dim": 32}
+        assert row["num_blocks"] == 1 and row["us_per_iter"] > 0
 
 
 def test_idql_bench_paces_one_call_per_tick_without_catch_up() -> None:

@@ -17,6 +17,7 @@ from idql_runtime.engines.precision import (
     precision_ok,
     precision_report,
     reduced_dtype_for,
+    rollout_states,
     select_precision,
 )
 from tests.procs import actor, pretrained_checkpoint
@@ -171,6 +172,35 @@ def test_needs_states():
     engine = build_engine(_agent(0, tiny=True), kind="eager", batch=1, samples=4)
     with pytest.raises(ValueError, match="at least one observation"):
         precision_report(engine, np.zeros((0, 17), np.float32))
+
+
+def test_rollout_states_refuses_a_count_below_one_before_making_an_env(monkeypatch):
+    """idql-actor --dtype auto --calibration-states 0 used to end in numpy's "need at least
+    one array to stack"; now the count is named, and no env is made for it."""
+    import idql_runtime.envs as envs
+
+    made: list[str] = []
+
+    class FakeEnv:  # obs = the step count, never terminates
+        def reset(self, seed=None):
+            self.t = 0
+            return np.zeros(3, np.float32), {}
+
+        def step(self, action):
+            self.t += 1
+            return np.full(3, self.t, np.float32), 0.0, False, False, {}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(envs, "make_env", lambda env_id: made.append(env_id) or FakeEnv())
+    for count in (0, -2):
+        with pytest.raises(ValueError, match=rf"positive integer .*got {count}$"):
+            rollout_states("Hopper-v5", lambda obs: np.zeros(1), count)
+    assert made == []
+    states = rollout_states("Hopper-v5", lambda obs: np.zeros(1), np.int64(2))
+    assert states.shape == (2, 3) and states[:, 0].tolist() == [0.0, 1.0]
+    assert made == ["Hopper-v5"]
 
 
 # ------------------------------------------------------------------ choosing a precision

@@ -254,6 +254,11 @@ def bench_decisions(agent: Any, args: argparse.Namespace) -> tuple[list[dict[str
     rows: list[dict[str, Any]] = []
     samples: dict[str, list[float]] = {}
     rng = np.random.default_rng(args.seed)
+    kind_options: dict[str, dict[str, Any]] = {
+        "cpu": {"threads": args.threads} if args.threads else {},
+        "compiled": {"compile_mode": args.compile_mode} if args.compile_mode else {},
+        "triton": parse_options(args.triton_options),
+    }
     for b in _ints(args.batch):
         for n in _ints(args.samples):
             eager = build_engine(
@@ -263,42 +268,42 @@ def bench_decisions(agent: Any, args: argparse.Namespace) -> tuple[list[dict[str
             for _ in range(3):
                 eager.decide(obs)
             for req in kinds:
+                # an eager row is the plain baseline's kind: float32 whatever --dtype says
+                dtype = "float32" if req == "eager" else args.dtype
                 row: dict[str, Any] = {
                     "requested": req,
                     "batch": b,
                     "samples": n,
-                    "dtype": args.dtype,
+                    "dtype": dtype,
                 }
                 try:
-                    kind = resolve_kind(req, args.device, rows=b * n)
-                    row["engine"] = kind
-                    if kind in HEAVY_KINDS and heavy is not None and (n, b) not in heavy:
+                    first = resolve_kind(req, args.device, rows=b * n)
+                    if first in HEAVY_KINDS and heavy is not None and (n, b) not in heavy:
                         continue
                     t0 = time.perf_counter()
-                    dtype = "float32" if kind == "eager" else args.dtype
-                    opts: dict[str, Any] = {}
-                    if kind == "cpu" and args.threads:
-                        opts["threads"] = args.threads
-                    if kind == "compiled" and args.compile_mode:
-                        opts["compile_mode"] = args.compile_mode
-                    if kind == "triton":
-                        opts.update(parse_options(args.triton_options))
+                    # auto goes through build_engine's own candidates and fallbacks, so the
+                    # row times the engine an actor would get; options reach only their kind
                     eng = build_engine(
                         agent,
-                        kind=kind,
+                        kind=req,
                         batch=b,
                         samples=n,
                         dtype=dtype,
                         device=args.device,
                         seed=args.seed,
-                        **opts,
+                        kind_options=kind_options,
                     )
                     for _ in range(3):
                         eng.decide(obs)
                     row["build_s"] = round(time.perf_counter() - t0, 3)
                     row["engine"] = eng.name
+                    row["dtype"] = eng.describe()["dtype"]  # what was built, not asked for
                     row["info"] = {k: v for k, v in eng.info.items() if k != "card"}
+                    if "auto" in eng.info:
+                        row["auto_failed"] = eng.info["auto"]["failed"]
                 except Exception as e:  # noqa: BLE001 - one engine failing must not stop the run
+                    if req != "auto":  # auto's error is its last candidate's, the rest logged
+                        row["engine"] = req
                     row["error"] = f"{type(e).__name__}: {e}"
                     rows.append(row)
                     continue
@@ -341,14 +346,28 @@ def row_label(row: dict[str, Any]) -> str:
 
 
 def bench_learner(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Learner iterations/s per backend beside plain ``Agent.update``, each on its own
+    agent as ``_agent`` builds it (with --checkpoint: that checkpoint's config, sizes and
+    weights; else random default-config weights), all on one random batch."""
     import torch
 
-    from idql_runtime.agent import Agent
-    from idql_runtime.config import Config
     from idql_runtime.engines.learner_step import LearnerStep, parse_backend_spec
 
     b, dev = args.learner_batch, args.device
-    obs_dim, act_dim = args.obs_dim, args.act_dim
+
+    def make_agent() -> Any:  # a fresh agent per backend: no backend trains another's
+        return _agent(args)[0]
+
+    eager_agent, weights = _agent(args)
+    obs_dim, act_dim = eager_agent.obs_dim, eager_agent.act_dim
+    net = eager_agent.cfg.network
+    about = {  # what was timed: a trained checkpoint's sizes can differ from the defaults
+        "weights": weights["source"],
+        "obs_dim": obs_dim,
+        "act_dim": act_dim,
+        "hidden_dim": net.hidden_dim,
+        "num_blocks": net.num_blocks,
+    }
     g = torch.Generator().manual_seed(args.seed)
     batch = {
         "obs": torch.randn(b, obs_dim, generator=g),
@@ -359,10 +378,6 @@ def bench_learner(args: argparse.Namespace) -> list[dict[str, Any]]:
     }
     batch = {k: v.to(dev) for k, v in batch.items()}
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-
-    def make_agent() -> Any:
-        torch.manual_seed(args.seed)
-        return Agent(Config(), obs_dim, act_dim, device=dev)
 
     def per_iter(fn: Any, n: int) -> float:
         sync()
@@ -375,7 +390,6 @@ def bench_learner(args: argparse.Namespace) -> list[dict[str, Any]]:
     from idql_runtime import onednn
 
     gen = torch.Generator(device=dev).manual_seed(args.seed)
-    eager_agent = make_agent()
 
     def plain_update() -> None:
         """The baseline: Agent.update in plain PyTorch (no oneDNN training products)."""
@@ -389,7 +403,7 @@ def bench_learner(args: argparse.Namespace) -> list[dict[str, Any]]:
     n_eager = max(1, n_fast // (1 if dev == "cuda" else 4))
     rows: list[dict[str, Any]] = []
     for item in [s.strip() for s in args.learner_backends.split(",") if s.strip()]:
-        row: dict[str, Any] = {"batch": b, "requested": item}
+        row: dict[str, Any] = {"batch": b, "requested": item, **about}
         try:
             t0 = time.perf_counter()
             run: Any

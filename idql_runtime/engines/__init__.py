@@ -26,11 +26,13 @@ log = logging.getLogger("idql_runtime.engines")
 KINDS = ("eager", "cpu", "cuda_graph", "compiled", "tensorrt", "triton")
 
 # Fastest first among engines that build in about a second (docs/engines.md has the
-# numbers): "compiled" is faster still on the GPU (bf16: ~370 vs ~640 us at N=128 on an
-# H200) but costs minutes of autotuning per shape, and "tensorrt" was never measured here,
-# so neither outranks cuda_graph; ask for them by name. "triton" (two fused kernels in a CUDA
-# graph) is not listed either: its GPU speed and GPU correctness are unmeasured so far
-# (docs/engines.md); add it here once a GPU run shows it beats cuda_graph and passes parity.
+# numbers). On CUDA "triton" (the decision in Triton kernels in one CUDA graph) leads, but
+# auto_candidates drops it above TRITON_AUTO_MAX_ROWS = B * N (an H200 measured it faster
+# than cuda_graph up to there and slower from 1024, below), and build_engine builds the
+# next candidate when it fails to build (e.g. a GPU with less shared memory per block). "compiled" also beats
+# cuda_graph (bf16, N = 128, H200: 366 vs 638 us; triton 204 us) but costs minutes of
+# autotuning per shape, so auto never picks it: ask for it by name. "tensorrt" comes after
+# cuda_graph because its speed was never measured here.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "eager"),
     "cuda": ("triton", "cuda_graph", "tensorrt", "eager"),
@@ -145,14 +147,17 @@ def build_engine(
     device: str = "cpu",
     seed: int = 0,
     cache_dir: str | None = None,
+    kind_options: dict[str, dict[str, Any]] | None = None,
     **options: Any,
 ) -> Engine:
     """Build a decision engine over the agent's EMA score network, target Q and V.
 
     batch B and samples N are static for the engine; the step count T is the agent's.
     ``options`` go to the engine class (e.g. ``threads`` for cpu, ``compile_mode`` for
-    compiled). Raises EngineUnavailable, naming what is missing, when the kind cannot run
-    here (no CUDA GPU, no TensorRT).
+    compiled); ``kind_options`` maps a kind to options only that kind is given when it is
+    the one built (``{"cpu": {"threads": 2}}``), which is how a caller of ``kind="auto"``
+    tunes a candidate without handing its options to the others. Raises EngineUnavailable,
+    naming what is missing, when the kind cannot run here (no CUDA GPU, no TensorRT).
     """
     dev = torch.device(device)
     parse_dtype(dtype)
@@ -161,7 +166,7 @@ def build_engine(
     spec = spec_of(agent, batch, samples, mode)
 
     def make(chosen: str) -> Engine:
-        opts = dict(options)
+        opts = {**options, **(kind_options or {}).get(chosen, {})}
         if chosen == "tensorrt" or chosen == "compiled":
             opts.setdefault("cache_dir", cache_dir)
         return _factory(chosen)(agent, spec, device=dev, dtype=dtype, seed=seed, **opts)

@@ -11,6 +11,7 @@ TensorRT or a GPU (docs/engines.md says what was verified where).
 from __future__ import annotations
 
 import collections
+import copy
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,11 +109,14 @@ class ExportableDecision(nn.Module):
 
     Inputs are expected in ``dtype`` already and outputs come back in it (index int64):
     casts stay outside the graph, so a low-precision graph holds no dtype conversions.
+    It holds a copy of ``decision``: ``agent.decision()`` shares the agent's own score_ema,
+    q_target and v, which a cast (or a later ``.to(device)``) in place would turn into
+    bf16 training parameters.
     """
 
     def __init__(self, decision: Decision, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.decision = decision.to(dtype=dtype)
+        self.decision = copy.deepcopy(decision).to(dtype=dtype)
 
     def forward(
         self, obs: Tensor, x_init: Tensor, step_noise: Tensor, u: Tensor

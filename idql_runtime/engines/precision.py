@@ -195,7 +195,18 @@ def reduced_dtype_for(kind: str, device: str | torch.device) -> str | None:
 
 def rollout_states(env_id: str, policy: Any, count: int, *, seed: int = 0) -> np.ndarray:
     """``count`` observations visited by ``policy`` (obs -> action) in a fresh ``env_id``
-    instance (resets on episode end): the states a deployed policy actually meets."""
+    instance (resets on episode end): the states a deployed policy actually meets.
+
+    Raises ValueError naming ``count`` unless it is a positive integer, before an env is
+    made: a caller asking for a calibration of no states (``--dtype auto
+    --calibration-states 0``) gets that said, not numpy's error on stacking nothing, nor a
+    float32 engine chosen quietly for want of states.
+    """
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(
+            "the count of calibration states must be a positive integer"
+            f" (idql-actor --calibration-states), got {count!r}"
+        )
     from idql_runtime.envs import make_env
 
     env = make_env(env_id)
