@@ -200,21 +200,23 @@ class StartupRefused(Exception):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.serve and args.max_batch < 1:  # before the checkpoint is read
+        print(f"idql-actor: --max-batch must be >= 1, got {args.max_batch}", file=sys.stderr)
+        return 2
     try:
         agent, engine, meta, fallback, states = _load(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"idql-actor: {e}", file=sys.stderr)
         return 2
-    from idql_runtime.transport import InsecureBindError, InsecureKeyFileError
-
     if args.serve:
-        from actor.serve import serve
+        from actor.serve import run_server, start_server
 
         try:
-            return serve(args, agent, engine)
-        except (InsecureBindError, InsecureKeyFileError, FileNotFoundError) as e:
-            print(f"idql-actor: {e}", file=sys.stderr)  # refused at start-up
+            server = start_server(args, agent, engine)
+        except StartupRefused as e:
+            print(f"idql-actor: {e}", file=sys.stderr)
             return 2
+        return run_server(args, server, engine)
     try:
         actor, link = start_actor(args, agent, engine, meta, fallback, states)
     except StartupRefused as e:

@@ -35,24 +35,40 @@ def make_decide_batch(engine: Any, policy_version: list[int]) -> Any:
     return decide_batch
 
 
-def serve(args: argparse.Namespace, agent: Any, engine: Any) -> int:
-    from idql_runtime.transport import ActionServer
+def start_server(args: argparse.Namespace, agent: Any, engine: Any) -> Any:
+    """The bound ActionServer of these arguments, or ``StartupRefused`` saying why (a bad
+    endpoint or window, an address in use, an exposed bind, a missing or readable key),
+    with nothing left open."""
+    from actor.cli import StartupRefused
+    from idql_runtime.transport import (
+        ActionServer,
+        BindError,
+        InsecureBindError,
+        InsecureKeyFileError,
+    )
 
     version = [0]
-    server = ActionServer(
-        args.serve,
-        make_decide_batch(engine, version),
-        obs_dim=agent.obs_dim,
-        max_batch=args.max_batch,
-        batch_window_s=args.batch_window_s,
-        curve=_curve(args.curve_dir, "server"),
-        insecure=args.insecure,
-        max_request_age_s=args.max_request_age_s,
-        mode=args.mode or agent.cfg.policy.mode,
-    )
+    try:
+        return ActionServer(
+            args.serve,
+            make_decide_batch(engine, version),
+            obs_dim=agent.obs_dim,
+            max_batch=args.max_batch,
+            batch_window_s=args.batch_window_s,
+            curve=_curve(args.curve_dir, "server"),
+            insecure=args.insecure,
+            max_request_age_s=args.max_request_age_s,
+            mode=args.mode or agent.cfg.policy.mode,
+        )
+    except (ValueError, BindError, InsecureBindError, InsecureKeyFileError, FileNotFoundError) as e:
+        raise StartupRefused(str(e)) from e
+
+
+def run_server(args: argparse.Namespace, server: Any, engine: Any) -> int:
+    """Serve until SIGINT/SIGTERM or ``--max-seconds``; the server is closed however it
+    ends. An error here is a failure of the run (traceback, exit 1), not a refusal."""
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     logging.getLogger("idql-serve").info("serving %s with engine %s", server.endpoint, engine.name)
     print(f"serving {server.endpoint}", flush=True)
     try:
@@ -63,7 +79,14 @@ def serve(args: argparse.Namespace, agent: Any, engine: Any) -> int:
         server.serve_forever(stop)
     finally:
         server.close()
+        for sig, handler in previous.items():  # the caller's, as the actor's loop does
+            signal.signal(sig, handler)
     return 0
+
+
+def serve(args: argparse.Namespace, agent: Any, engine: Any) -> int:
+    """``start_server`` then ``run_server`` (StartupRefused propagates)."""
+    return run_server(args, start_server(args, agent, engine), engine)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -468,6 +468,75 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     return config_from_flat(_flatten(d))
 
 
+# Fields a checkpoint's weights were built or trained with, and the fields that fix its
+# data split and reward scale: once a run has a checkpoint, a resume (offline --resume, the
+# online learner) may change anything else but not these. network.*: the score network's
+# shapes and the module settings it was built with (dropout and LayerNorm epsilon live
+# in the modules); diffusion.steps / beta_schedule: the schedule the network was trained
+# to denoise (other values load the weights and give wrong actions); critic sizes;
+# train.algo: which modules exist; seed / val_fraction: which rows were held out;
+# reward_transform: fitted once and kept in the checkpoint's metadata.
+FIXED_BY_CHECKPOINT: tuple[str, ...] = (
+    "version",
+    *(f"network.{f.name}" for f in fields(ScoreNetConfig)),
+    "diffusion.steps",
+    "diffusion.beta_schedule",
+    "critic.num_qs",
+    "critic.hidden",
+    "critic.value_layer_norm",
+    "train.algo",
+    "train.seed",
+    "train.val_fraction",
+    "train.reward_transform",
+)
+
+
+def changed_fields(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(field, old value, new value) for every field that differs, in field order."""
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return [(k, a[k], b[k]) for k in a if a[k] != b.get(k)]
+
+
+ONLINE_FIXED: tuple[str, ...] = tuple(
+    f for f in FIXED_BY_CHECKPOINT if f not in ("train.seed", "train.val_fraction")
+)
+"""What the online learner keeps from its checkpoint. A finetuning run may take another
+seed (several seeds of finetuning from one pretrained checkpoint) or another
+``val_fraction`` (0: mix every ``--offline`` row in); either changes which offline rows
+are held out of the mix, which only pretraining's validation loss depended on."""
+
+
+def check_fixed_by_checkpoint(
+    saved: Config, new: Config, *, what: str, fixed: tuple[str, ...] = FIXED_BY_CHECKPOINT
+) -> None:
+    """ConfigError naming each field of ``fixed`` that ``new`` changes.
+
+    ``what`` says where ``new`` came from (e.g. "--set"), for the message."""
+    bad = [(k, o, n) for k, o, n in changed_fields(saved, new) if k in fixed]
+    if bad:
+        diffs = ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in bad)
+        raise ConfigError(
+            f"{what} changes fields the checkpoint was trained with: {diffs}. These are "
+            "fixed once a run has weights (they shape the networks, the diffusion schedule "
+            "the score network denoises, the held-out rows or the reward scale); start a "
+            "new run to change them"
+        )
+
+
+def resume_config(
+    saved: Config, path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
+    """The config a resumed run continues on: ``path``'s (the first run's YAML, if given
+    again) or else the saved one, with ``overrides`` on top; refused (ConfigError) when it
+    changes a ``FIXED_BY_CHECKPOINT`` field."""
+    if path is not None:
+        cfg = load_config(path, overrides)
+    else:
+        cfg = config_from_flat({**_flatten(saved.to_dict()), **(overrides or {})})
+    check_fixed_by_checkpoint(saved, cfg, what="--config / --set" if path else "--set")
+    return cfg
+
+
 def describe_fields() -> str:
     """Every field with its type, default and help line (printed by ``--help-config``)."""
     lines = []

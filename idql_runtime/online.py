@@ -40,7 +40,14 @@ from idql_runtime.checkpoint import (
     restore_agent,
     save_checkpoint,
 )
-from idql_runtime.config import Config, ConfigError, config_from_flat, parse_overrides
+from idql_runtime.config import (
+    ONLINE_FIXED,
+    Config,
+    ConfigError,
+    check_fixed_by_checkpoint,
+    config_from_flat,
+    parse_overrides,
+)
 from idql_runtime.engines.learner_step import AgentUpdate, LearnerStep
 from idql_runtime.envs import RewardTransform
 from idql_runtime.replay import MixedSampler, ReplaySampler, ReplayStore
@@ -591,35 +598,47 @@ class LearnerStartupError(Exception):
 def run_online_learner(args: Namespace) -> int:
     """Entry point of ``idql-learner --pretrained``; resumes from ``--run-dir`` if it has
     online checkpoints (store + checkpoint + optimiser state + sequence table)."""
-    learner = start_online_learner(args)
+    return run_started_learner(start_online_learner(args), args)
+
+
+def run_started_learner(learner: OnlineLearner, args: Namespace) -> int:
+    """Run a learner from ``start_online_learner`` until ``--max-seconds`` or a signal;
+    checkpoint it (store healthy), print the final status and close it, whatever ends it.
+    Errors of the run propagate with their traceback (not start-up refusals)."""
 
     def _stop(signum: int, _frame: Any) -> None:
         learner.stop_requested = True
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    # the caller's handlers come back afterwards: left installed, a later SIGTERM to an
+    # embedding process (a test runner, a supervisor) went to this finished learner
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         learner.run(args.max_seconds, getattr(args, "status_interval_s", 5.0))
     finally:
-        if learner.store_healthy:
-            learner.checkpoint()
-        print(json.dumps({"learner_final": learner.status()}), flush=True)
-        learner.link.close()
-        learner.store.close()
+        try:
+            if learner.store_healthy:
+                learner.checkpoint()
+            print(json.dumps({"learner_final": learner.status()}), flush=True)
+            learner.link.close()
+            learner.store.close()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return 0
 
 
 def start_online_learner(args: Namespace) -> OnlineLearner:
     """The OnlineLearner of ``idql-learner --pretrained``'s arguments, its store and link
     open; bad inputs raise LearnerStartupError (ConfigError, the security checks'
-    errors, CheckpointError, StoreLockedError and FileNotFoundError as themselves)."""
-    from idql_runtime.transport import InsecureBindError
+    errors, CheckpointError, StoreLockedError and FileNotFoundError as themselves),
+    with nothing left open."""
+    from idql_runtime.transport import BindError, InsecureBindError
 
     try:
         return _start_online_learner(args)
     except (ConfigError, InsecureBindError):  # ValueErrors with their own report
         raise
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, FileExistsError, BindError) as e:
         raise LearnerStartupError(str(e)) from e
 
 
@@ -649,6 +668,9 @@ def _start_online_learner(args: Namespace) -> OnlineLearner:
         ckpt = load_checkpoint(args.pretrained)
     cfg_flat = {**_flat(ckpt.meta["config"]), **parse_overrides(args.set)}
     cfg = config_from_flat(cfg_flat)
+    # --set may retune the run (rates, losses, online.*) but not what the weights were
+    # built with: a checkpoint written with another network.hidden_dim would not load
+    check_fixed_by_checkpoint(ckpt.config, cfg, what="--set", fixed=ONLINE_FIXED)
     if cfg.train.threads:
         # before any torch work: on a machine shared with actors, the learner's OpenMP
         # team is what takes their cores (train.threads was honoured offline only)

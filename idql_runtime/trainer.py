@@ -28,7 +28,7 @@ from idql_runtime.batches import (
     resolve_batch_source,
 )
 from idql_runtime.checkpoint import load_checkpoint, restore_agent, save_checkpoint
-from idql_runtime.config import Config
+from idql_runtime.config import Config, changed_fields, check_fixed_by_checkpoint
 from idql_runtime.engines.learner_step import AgentUpdate, LearnerStep
 from idql_runtime.envs import RewardTransform, reference_scores
 from idql_runtime.evaluation import Policy, evaluate
@@ -100,6 +100,9 @@ class OfflineTrainer:
         self.device_batches: DeviceBatches | None = None
         self.iteration = 0
         self.history: list[dict[str, float]] = []
+        self.stop_requested = False
+        """Set (e.g. by a signal handler) to end ``run`` after the current iteration, with
+        a checkpoint of it: a preempted or interrupted run loses nothing."""
 
     # ------------------------------------------------------------- state
     def meta(self) -> dict[str, Any]:
@@ -151,12 +154,23 @@ class OfflineTrainer:
         )
 
     def resume(self) -> bool:
-        """Load the newest valid checkpoint of this run; False if there is none."""
+        """Load the newest valid checkpoint of this run; False if there is none.
+
+        The run goes on with ``self.cfg`` (see ``config.resume_config`` for how the CLI
+        builds it): learning rates, iterations and losses may change; a field of
+        ``config.FIXED_BY_CHECKPOINT`` that differs from the checkpoint's raises
+        ConfigError, before anything is restored."""
         root = self.run_dir / "checkpoints"
         if not root.exists() or not any(root.glob("ckpt_*")):
             return False
         ckpt = load_checkpoint(root)
+        # This run's config goes on (it is what the checkpoints written from now on
+        # record), except where it contradicts the weights, the split or the reward scale.
+        check_fixed_by_checkpoint(ckpt.config, self.cfg, what="the resumed run's config")
+        changed = changed_fields(ckpt.config, self.cfg)
         self.agent = restore_agent(ckpt, self.device)
+        self.agent.cfg = self.cfg
+        self.agent.apply_optimiser_config()  # a changed train.critic_lr etc. acts
         self.updater = self._updater()  # on the restored agent and its optimiser state
         self.iteration = ckpt.iteration
         self.transform = RewardTransform.from_dict(ckpt.meta["reward_transform"])
@@ -172,6 +186,11 @@ class OfflineTrainer:
         if self.val_sampler and tj.get("val_sampler_rng"):
             _sampler_rng(self.val_sampler).bit_generator.state = tj["val_sampler_rng"]
         log.info("resumed from %s at iteration %d", ckpt.path, self.iteration)
+        if changed:
+            log.info(
+                "resumed with changed fields: %s",
+                ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changed),
+            )
         return True
 
     # ------------------------------------------------------------- loop
@@ -281,7 +300,7 @@ class OfflineTrainer:
         log_file = open(self.run_dir / "metrics.jsonl", "a")
         t0, it0 = time.perf_counter(), self.iteration
         try:
-            while self.iteration < total:
+            while self.iteration < total and not self.stop_requested:
                 raw = self._update()
                 bar.update(1)
                 if self.iteration % t.log_interval == 0 or self.iteration == total:
@@ -337,4 +356,8 @@ class OfflineTrainer:
             log_file.close()
             if writer:
                 writer.close()
-        return {"iteration": self.iteration, "history": self.history}
+        return {
+            "iteration": self.iteration,
+            "history": self.history,
+            "stopped_early": self.iteration < total,
+        }

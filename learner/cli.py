@@ -8,10 +8,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
-from idql_runtime.config import ConfigError, describe_fields, load_config, parse_overrides
+from idql_runtime.config import (
+    Config,
+    ConfigError,
+    describe_fields,
+    load_config,
+    parse_overrides,
+    resume_config,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="offline only: continue from the run's newest checkpoint (--pretrained always "
-        "resumes from --run-dir's newest checkpoint when it has one)",
+        help="offline only: continue from the run's newest checkpoint, on its config (or "
+        "--config's) with --set on top, e.g. --set train.iterations=N to extend it "
+        "(--pretrained always resumes from --run-dir's newest checkpoint when it has one)",
     )
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument(
@@ -109,52 +118,116 @@ def main(argv: list[str] | None = None) -> int:
         # deadlines, niced 3-7 % (docs/decisions.md).
         niceness = os.nice(args.nice)
         logging.getLogger("idql-learner").info("CPU priority lowered: nice %d", niceness)
-    try:
-        if args.pretrained:
-            if args.config:
-                # The checkpoint's config is the one its weights were built with; a YAML
-                # file (the shipped ones set network.* too) could contradict them, and the
-                # merged config would be written into every online checkpoint.
-                print(
-                    f"idql-learner: --config {args.config} applies to offline pretraining "
-                    "only; with --pretrained the config is the checkpoint's: change its "
-                    "fields with --set section.field=value",
-                    file=sys.stderr,
-                )
-                return 2
-            return _run_online(args)
-        if not args.dataset:
-            print(
-                "idql-learner: give --dataset PATH (offline) or --pretrained CKPT (online)",
-                file=sys.stderr,
-            )
-            return 2
-        cfg = load_config(args.config, parse_overrides(args.set))
-    except ConfigError as e:
-        print(f"idql-learner: config error: {e}", file=sys.stderr)
+    refused = _refuse_combination(args)
+    if refused:
+        print(f"idql-learner: {refused}", file=sys.stderr)
         return 2
+    if args.pretrained:
+        return _run_online(args)
+    return _run_offline(args)
+
+
+def _refuse_combination(args: argparse.Namespace) -> str | None:
+    """Why these arguments cannot go together, or None: a flag the chosen mode would
+    ignore is refused, not dropped."""
+    if args.pretrained:
+        if args.config:
+            # The checkpoint's config is the one its weights were built with; a YAML
+            # file (the shipped ones set network.* too) could contradict them, and the
+            # merged config would be written into every online checkpoint.
+            return (
+                f"--config {args.config} applies to offline pretraining only; with "
+                "--pretrained the config is the checkpoint's: change its fields with "
+                "--set section.field=value"
+            )
+        if args.dataset:
+            # the online learner trains on offline rows only when told to mix them in
+            return (
+                f"--dataset {args.dataset} is for offline pretraining; with --pretrained, "
+                "pass offline rows to mix into every batch as --offline"
+            )
+        return None
+    if not args.dataset:
+        return "give --dataset PATH (offline) or --pretrained CKPT (online)"
+    for flag in ("replay", "offline"):
+        if getattr(args, flag):
+            return (
+                f"--{flag} is for online finetuning (--pretrained); offline pretraining "
+                "reads --dataset only"
+            )
+    return None
+
+
+def _run_offline(args: argparse.Namespace) -> int:
+    from idql_runtime.checkpoint import CheckpointError
     from idql_runtime.datasets import open_dataset
     from idql_runtime.trainer import OfflineTrainer, TrainingDiverged
 
-    store = open_dataset(args.dataset)
-    trainer = OfflineTrainer(
-        cfg, store, Path(args.run_dir), device=args.device, progress=not args.no_progress
-    )
+    try:
+        cfg = _offline_config(args)
+    except ConfigError as e:
+        print(f"idql-learner: config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:  # --resume on a run dir whose checkpoints are all bad
+        print(f"idql-learner: --resume: {e}", file=sys.stderr)
+        return 2
+    try:
+        store = open_dataset(args.dataset)
+        trainer = OfflineTrainer(
+            cfg, store, Path(args.run_dir), device=args.device, progress=not args.no_progress
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # unreadable, too few rows
+        print(f"idql-learner: --dataset {args.dataset}: {e}", file=sys.stderr)
+        return 2
     if args.resume and trainer.resume():
         print(f"resumed at iteration {trainer.iteration}", file=sys.stderr)
+    received: list[int] = []
+
+    def _stop(signum: int, _frame: object) -> None:
+        # finish the iteration, checkpoint it, return: a cluster's preemption SIGTERM
+        # (or Ctrl-C) used to lose everything since the last checkpoint_interval
+        received.append(signum)
+        trainer.stop_requested = True
+
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         result = trainer.run()
     except TrainingDiverged as e:
         print(f"idql-learner: training diverged: {e}", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     ckpt = trainer.run_dir / "checkpoints"
+    if result["stopped_early"]:
+        name = signal.Signals(received[0]).name
+        print(
+            f"idql-learner: stopped by {name} at iteration {result['iteration']} of "
+            f"{cfg.train.iterations}, checkpointed in {ckpt}; continue with --resume",
+            file=sys.stderr,
+        )
+        return 128 + received[0]  # the shell's code for "ended by this signal"
     print(f"done: {result['iteration']} iterations; checkpoints in {ckpt}")
     return 0
 
 
+def _offline_config(args: argparse.Namespace) -> Config:
+    """The offline run's config. With --resume and a checkpoint in --run-dir: the
+    checkpoint's (or --config's, when given again) with --set on top, refused where it
+    changes what the checkpoint was trained with (config.FIXED_BY_CHECKPOINT)."""
+    from idql_runtime.checkpoint import list_checkpoints, load_checkpoint
+
+    overrides = parse_overrides(args.set)
+    root = Path(args.run_dir) / "checkpoints"
+    if args.resume and list_checkpoints(root):
+        saved = load_checkpoint(root, with_train_state=False).config
+        return resume_config(saved, args.config, overrides)
+    return load_config(args.config, overrides)
+
+
 def _run_online(args: argparse.Namespace) -> int:
     from idql_runtime.checkpoint import CheckpointError
-    from idql_runtime.online import LearnerStartupError, run_online_learner
+    from idql_runtime.online import LearnerStartupError, run_started_learner, start_online_learner
     from idql_runtime.replay import StoreLockedError, is_replay_store
     from idql_runtime.transport import InsecureBindError, InsecureKeyFileError
 
@@ -168,7 +241,10 @@ def _run_online(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        return run_online_learner(args)
+        learner = start_online_learner(args)
+    except ConfigError as e:
+        print(f"idql-learner: config error: {e}", file=sys.stderr)
+        return 2
     except (
         InsecureBindError,
         InsecureKeyFileError,
@@ -179,6 +255,9 @@ def _run_online(args: argparse.Namespace) -> int:
     ) as e:  # refused at start-up: say why, no traceback
         print(f"idql-learner: {e}", file=sys.stderr)
         return 2
+    # Only start-up is caught above: a CheckpointError or FileNotFoundError of the
+    # running loop is a failure of the run (exit 1, traceback), not a refusal.
+    return run_started_learner(learner, args)
 
 
 if __name__ == "__main__":

@@ -161,3 +161,79 @@ def test_overrun_limit_still_exits_3_after_flushing(
         assert (rows == faults.SAFE).all()
     finally:
         fl.close()
+
+
+SERVE_REFUSALS = [
+    pytest.param(["--max-batch", "0"], "--max-batch must be >= 1, got 0", id="max-batch-0"),
+    pytest.param(["--batch-window-s", "-1"], "got -1.0", id="window-negative"),
+    pytest.param(["--batch-window-s", "nan"], "got nan", id="window-nan"),
+    # 0 or less refused every request as stale; NaN none (it was accepted silently)
+    pytest.param(["--max-request-age-s", "0"], "got 0.0", id="age-0"),
+    pytest.param(["--max-request-age-s", "nan"], "got nan", id="age-nan"),
+]
+
+
+@pytest.mark.parametrize(("extra", "names"), SERVE_REFUSALS)
+def test_serve_refuses_bad_arguments_at_start_up(
+    ckpt: Path, extra: list[str], names: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port_pair()
+    rc = main(
+        [*base_args(ckpt), "--serve", f"tcp://127.0.0.1:{port}", "--max-seconds", "0.5", *extra]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("idql-actor: ")]
+    assert len(lines) == 1 and names in lines[0], err[-2000:]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("endpoint", ["in-use", "foo"])
+def test_serve_on_an_endpoint_that_cannot_be_bound_is_refused_naming_it(
+    ckpt: Path, endpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A port held by another server (or an endpoint with no transport) printed pyzmq's
+    (the library's) traceback and exited 1."""
+    import zmq
+
+    ctx = zmq.Context()
+    holder = ctx.socket(zmq.ROUTER)
+    if endpoint == "in-use":
+        endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
+        holder.bind(endpoint)
+        names = f"cannot bind '{endpoint}': Address already in use"
+    else:
+        names = "endpoint 'foo' has no transport"
+    try:
+        rc = main([*base_args(ckpt), "--serve", endpoint, "--max-seconds", "0.5"])
+    finally:
+        holder.close(linger=0)
+        ctx.term()
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert f"idql-actor: {names}" in err and "Traceback" not in err
+
+
+def test_serve_answers_then_gives_the_callers_signal_handlers_back(
+    ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real client gets an action from `--serve` (in a thread of this process); after
+    `--max-seconds` the server returns 0 with SIGTERM/SIGINT back to the caller's."""
+    from idql_runtime.client import ActionClient
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
+    got: dict[str, Any] = {}
+
+    def ask() -> None:
+        with ActionClient(endpoint, timeout_s=10.0) as client:
+            got["action"], got["version"], _ = client.act(np.zeros(11, np.float32))
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    rc = main([*base_args(ckpt), "--serve", endpoint, "--max-seconds", "3"])
+    asker.join(15)
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    action = np.asarray(got["action"])
+    assert action.shape == (3,) and np.all(np.abs(action) <= 1.0) and got["version"] == 0
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -175,3 +175,233 @@ def test_offline_data_with_no_validation_split_trains_online(
     args = _online(ckpt, tmp_path / "online.zarr", tmp_path / "run", "--offline", str(data))
     assert main([*args, "--set", "train.val_fraction=0"]) == 0
     assert '"learner_final"' in capsys.readouterr().out
+
+
+def _random_store(path: Path, n: int = 64) -> Path:
+    rng = np.random.default_rng(1)
+    with ReplayStore.create(path, OBS_DIM, ACT_DIM) as store:
+        store.append(
+            {
+                "obs": rng.normal(size=(n, OBS_DIM)).astype(np.float32),
+                "next_obs": rng.normal(size=(n, OBS_DIM)).astype(np.float32),
+                "action": rng.uniform(-1, 1, size=(n, ACT_DIM)).astype(np.float32),
+                "reward": rng.normal(size=n).astype(np.float32),
+                "terminated": np.zeros(n, bool),
+                "truncated": np.arange(n) % 16 == 15,
+            }
+        )
+    return path
+
+
+def test_dataset_with_pretrained_is_refused_instead_of_ignored(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--dataset was dropped silently online (the rows to mix in are --offline's)."""
+    from learner.cli import main
+
+    replay, run_dir = tmp_path / "online.zarr", tmp_path / "run"
+    data = _random_store(tmp_path / "data.zarr")
+    assert main(_online(ckpt, replay, run_dir, "--dataset", str(data))) == 2
+    err = capsys.readouterr().err
+    assert f"idql-learner: --dataset {data} is for offline pretraining" in err
+    assert "as --offline" in err
+    assert not replay.exists() and not run_dir.exists()
+
+
+@pytest.mark.parametrize("flag", ["--replay", "--offline"])
+def test_online_flags_in_offline_pretraining_are_refused_instead_of_ignored(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from learner.cli import main
+
+    data, run_dir = _random_store(tmp_path / "data.zarr"), tmp_path / "run"
+    argv = ["--dataset", str(data), "--run-dir", str(run_dir), flag, str(tmp_path / "x.zarr")]
+    # a short budget: should the refusal regress, the flag is ignored for 1 iteration, not 3M
+    assert main([*argv, "--set", "train.iterations=1"]) == 2
+    err = capsys.readouterr().err
+    assert f"idql-learner: {flag} is for online finetuning (--pretrained)" in err
+    assert not run_dir.exists() and not (tmp_path / "x.zarr").exists()
+
+
+def test_unreadable_dataset_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from learner.cli import main
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a dataset")
+    argv = ["--dataset", str(bad), "--run-dir", str(tmp_path / "run")]
+    assert main([*argv, "--set", "train.iterations=1"]) == 2
+    err = capsys.readouterr().err
+    assert f"idql-learner: --dataset {bad}: cannot tell the format of '{bad}'" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("override", "shown"),
+    [
+        ("network.hidden_dim=64", "network.hidden_dim 32 -> 64"),
+        ("diffusion.steps=3", "diffusion.steps 5 -> 3"),
+        ("critic.hidden=[16,16]", "critic.hidden [32, 32] -> [16, 16]"),
+        ("train.algo=bc", "train.algo 'idql' -> 'bc'"),
+        ("train.reward_transform=none", "train.reward_transform"),
+    ],
+)
+def test_set_of_what_the_weights_were_built_with_is_refused_online(
+    override: str, shown: str, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--set network.hidden_dim=64 used to be written into every online checkpoint beside
+    32-wide weights: none of them loaded again (not the learner's own restart, not an
+    actor); diffusion.steps=3 loaded and denoised on a schedule the network never saw."""
+    from learner.cli import main
+
+    replay, run_dir = tmp_path / "online.zarr", tmp_path / "run"
+    assert main(_online(ckpt, replay, run_dir, "--set", override)) == 2
+    err = capsys.readouterr().err
+    assert "idql-learner: config error: --set changes fields the checkpoint was trained" in err
+    assert shown in err
+    assert not replay.exists() and not run_dir.exists()
+
+
+def test_set_of_training_fields_online_is_recorded_and_reloads(ckpt: Path, tmp_path: Path) -> None:
+    """What --set may change online (losses, rates, the seed) ends up in a checkpoint that
+    loads back with those values."""
+    from idql_runtime.checkpoint import load_checkpoint, restore_agent
+    from learner.cli import main
+
+    run_dir = tmp_path / "run"
+    sets = ["--set", "critic.tau=0.8", "--set", "train.seed=3", "--set", "train.critic_lr=1e-3"]
+    assert main(_online(ckpt, tmp_path / "online.zarr", run_dir, *sets)) == 0
+    agent = restore_agent(load_checkpoint(run_dir / "checkpoints"))
+    assert (agent.cfg.critic.tau, agent.cfg.train.seed) == (0.8, 3)
+    assert agent.q_opt.param_groups[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("which", ["ingest", "weights"])
+def test_an_endpoint_in_use_is_refused_naming_it_with_nothing_left_open(
+    which: str, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second learner on the same ports (the first one still running) printed pyzmq's
+    traceback and exited 1."""
+    import zmq
+
+    from learner.cli import main
+
+    replay = tmp_path / "online.zarr"
+    argv = _online(ckpt, replay, tmp_path / "run")
+    ingest, weights = argv[argv.index("--bind-ingest") + 1], argv[argv.index("--bind-weights") + 1]
+    taken = ingest if which == "ingest" else weights
+    ctx = zmq.Context()
+    holder = ctx.socket(zmq.ROUTER)
+    holder.bind(taken)
+    try:
+        assert main(argv) == 2
+    finally:
+        holder.close(linger=0)
+    err = capsys.readouterr().err
+    assert f"idql-learner: cannot bind '{taken}': Address already in use" in err
+    assert "Traceback" not in err
+    ReplayStore.open(replay, mode="a").close()  # the store's writer lock was released
+    for endpoint in (ingest, weights):  # and neither port is still held by the learner
+        probe = ctx.socket(zmq.ROUTER)
+        probe.bind(endpoint)
+        probe.close(linger=0)
+    ctx.term()
+
+
+def test_a_checkpoint_error_from_the_running_loop_is_not_taken_for_a_start_up_one(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI caught CheckpointError, FileNotFoundError etc. around the whole run, so one
+    raised by the loop (a checkpoint that could not be written) exited 2 as if refused at
+    start-up, without a traceback."""
+    from idql_runtime.checkpoint import CheckpointError
+    from idql_runtime.online import OnlineLearner
+    from learner.cli import main
+
+    def failing_publish(self: OnlineLearner) -> None:
+        raise CheckpointError("the disk went away mid-run")
+
+    monkeypatch.setattr(OnlineLearner, "publish", failing_publish)
+    with pytest.raises(CheckpointError, match="the disk went away mid-run"):
+        main(_online(ckpt, tmp_path / "online.zarr", tmp_path / "run"))
+
+
+def _offline(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    sets = [f"--set={k}={v}" for k, v in TINY.items()]
+    return [
+        "--dataset",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        *sets,
+        "--set",
+        "train.checkpoint_interval=2",
+        "--set",
+        "train.val_fraction=0.1",
+        *extra,
+    ]
+
+
+def test_offline_resume_continues_on_the_saved_config_with_set_on_top(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--resume --set train.iterations=6` (the way to extend a run) used to train on the
+    defaults plus that one field while the checkpoints kept recording the first run's
+    config, and the restored optimisers kept the first run's learning rates."""
+    from idql_runtime.checkpoint import load_checkpoint, restore_agent
+    from learner.cli import main
+
+    data, run_dir = _random_store(tmp_path / "data.zarr"), tmp_path / "run"
+    assert main(_offline(data, run_dir, "--set", "train.iterations=4")) == 0
+    resume = ["--dataset", str(data), "--run-dir", str(run_dir), "--no-progress", "--resume"]
+    assert main([*resume, "--set", "train.iterations=6", "--set", "train.critic_lr=0.01"]) == 0
+    assert "resumed at iteration 4" in capsys.readouterr().err
+    ckpt = load_checkpoint(run_dir / "checkpoints")
+    train = ckpt.meta["config"]["train"]
+    assert ckpt.iteration == 6
+    assert (train["iterations"], train["critic_lr"], train["batch_size"]) == (6, 0.01, 64)
+    assert ckpt.meta["config"]["network"]["hidden_dim"] == TINY["network.hidden_dim"]
+    assert restore_agent(ckpt).q_opt.param_groups[0]["lr"] == 0.01
+
+
+@pytest.mark.parametrize(
+    ("extra", "shown"),
+    [
+        (["--set", "network.hidden_dim=64"], "network.hidden_dim 32 -> 64"),
+        (["--set", "train.val_fraction=0.3"], "train.val_fraction 0.1 -> 0.3"),
+        # the shipped demo config sets another network: given again on resume, refused
+        (["--config", str(CONFIGS / "demo.yaml")], "network.hidden_dim 32 ->"),
+    ],
+)
+def test_offline_resume_refuses_to_change_what_the_checkpoint_was_trained_with(
+    extra: list[str], shown: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from idql_runtime.checkpoint import list_checkpoints
+    from learner.cli import main
+
+    data, run_dir = _random_store(tmp_path / "data.zarr"), tmp_path / "run"
+    assert main(_offline(data, run_dir, "--set", "train.iterations=2")) == 0
+    before = list_checkpoints(run_dir / "checkpoints")
+    argv = ["--dataset", str(data), "--run-dir", str(run_dir), "--resume", *extra]
+    assert main([*argv, "--set", "train.iterations=4"]) == 2
+    err = capsys.readouterr().err
+    assert "idql-learner: config error:" in err and "the checkpoint was trained with" in err
+    assert shown in err
+    assert list_checkpoints(run_dir / "checkpoints") == before  # nothing trained or written
+
+
+def test_the_online_learner_gives_the_callers_signal_handlers_back(
+    ckpt: Path, tmp_path: Path
+) -> None:
+    """Its SIGTERM/SIGINT handlers stayed installed after it returned: in an embedding
+    process (here pytest) a later SIGTERM went to the finished learner and was dropped,
+    so `timeout` could not stop the process."""
+    import signal
+
+    from learner.cli import main
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    assert main(_online(ckpt, tmp_path / "online.zarr", tmp_path / "run")) == 0
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,40 @@ def test_resume_reproduces_uninterrupted_losses(
         a.agent.state_dict().items(), b.agent.state_dict().values(), strict=True
     ):
         assert torch.equal(pa, pb), k
+
+
+def test_resume_runs_on_this_runs_config_and_refuses_what_the_weights_fix(
+    hopper_store_path: Path, tmp_path: Path
+) -> None:
+    """A resumed run trains with its own learning rates and losses (the restored
+    optimisers used to keep the saved rates, the agent the saved losses) and records them;
+    a changed network width, diffusion schedule or split is refused before anything is
+    restored."""
+    from idql_runtime.config import ConfigError
+
+    a = _trainer(hopper_store_path, tmp_path)
+    for _ in range(3):
+        a.step()
+    a.save()
+    for field, value, shown in [
+        ("network.hidden_dim", 64, "network.hidden_dim 32 -> 64"),
+        ("diffusion.steps", 3, "diffusion.steps 5 -> 3"),
+        ("train.val_fraction", 0.2, "train.val_fraction 0.05 -> 0.2"),
+    ]:
+        bad = _trainer(hopper_store_path, tmp_path, **{field: value})
+        with pytest.raises(ConfigError, match=re.escape(shown)):
+            bad.resume()
+        assert bad.iteration == 0  # nothing restored
+    b = _trainer(hopper_store_path, tmp_path, **{"train.critic_lr": 0.02, "critic.tau": 0.9})
+    assert b.resume() and b.iteration == 3
+    assert b.agent.cfg.critic.tau == 0.9
+    assert [g["lr"] for g in (*b.agent.q_opt.param_groups, *b.agent.v_opt.param_groups)] == [
+        0.02,
+        0.02,
+    ]
+    b.step()
+    saved = json.loads((b.save() / "meta.json").read_text())["config"]
+    assert (saved["train"]["critic_lr"], saved["critic"]["tau"]) == (0.02, 0.9)
 
 
 def test_fast_step_trains_like_agent_update(hopper_store_path: Path, tmp_path: Path) -> None:
@@ -166,6 +201,9 @@ def test_learner_cli_trains_checkpoints_and_resumes(
         (tmp_path / "run" / "checkpoints" / "ckpt_000000050" / "meta.json").read_text()
     )
     assert meta["env_id"] == "Hopper-v5" and meta["reward_transform"]["kind"] == "locomotion"
+    # the checkpoint records the config that ran (it used to keep the first run's)
+    assert meta["config"]["train"]["iterations"] == 50
+    assert meta["config"]["train"]["learner_backend"] == "eager"
     assert (tmp_path / "run" / "tb").is_dir()
 
 
@@ -427,3 +465,51 @@ def test_online_learner_never_ships_or_checkpoints_nonfinite_weights(
     assert fresh.counters["rollbacks"] == 1 and not fresh.training_paused
     for k, v in fresh.agent.state_dict().items():
         assert torch.equal(v, good[k]), k
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_offline_pretraining_with_a_checkpoint_of_the_last_iteration(
+    hopper_store_path: Path, tmp_path: Path, sig: str
+) -> None:
+    """A real `idql-learner --dataset` process, signalled mid-run (a cluster's preemption
+    SIGTERM, or Ctrl-C): it finishes the iteration, checkpoints it and exits 128 + signal
+    number; `--resume` goes on from exactly there. Before, everything since the last
+    `checkpoint_interval` was lost (50k iterations by default: half an hour on a CPU)."""
+    import signal
+    import time
+
+    from idql_runtime.checkpoint import list_checkpoints, load_checkpoint
+
+    run = tmp_path / "run"
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
+    cmd = [
+        sys.executable, "-m", "learner", "--dataset", str(hopper_store_path),
+        "--run-dir", str(run), "--no-progress", *sets,
+        "--set", "train.iterations=1000000", "--set", "train.checkpoint_interval=5",
+        "--set", "train.keep_checkpoints=0", "--set", "train.log_interval=1000000",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(run / "checkpoints") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # mid-interval, most likely: the last checkpoint is not the stop
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    signum = int(getattr(signal, sig))
+    assert proc.returncode == 128 + signum, err[-2000:]
+    newest = load_checkpoint(run / "checkpoints")
+    assert f"stopped by {sig} at iteration {newest.iteration} of 1000000" in err
+    assert "Traceback" not in err
+    # a checkpoint of the iteration it stopped at, not only of the last interval
+    assert newest.iteration >= 5
+    r = subprocess.run(
+        [*cmd, "--resume", "--set", f"train.iterations={newest.iteration + 2}"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resumed at iteration {newest.iteration}" in r.stderr
+    assert load_checkpoint(run / "checkpoints").iteration == newest.iteration + 2

@@ -629,3 +629,40 @@ def test_refused_weights_do_not_block_later_versions():
     finally:
         actor.close()
         learner.close()
+
+
+def test_learner_link_on_a_port_in_use_raises_bind_error_and_releases_the_other():
+    """The weights port is taken: BindError names it, and the ingest port the link had
+    already bound is free again (a retry on other ports, or the other learner, can use it)."""
+    from idql_runtime.ports import free_port_pair
+    from idql_runtime.transport import BindError
+
+    port = free_port_pair()
+    ingest, weights = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"
+    ctx = zmq.Context()
+    holder = ctx.socket(zmq.PUB)
+    holder.bind(weights)
+    try:
+        with pytest.raises(BindError, match=f"cannot bind '{weights}': Address already in use"):
+            LearnerLink(ingest, weights)
+        probe = ctx.socket(zmq.ROUTER)
+        probe.bind(ingest)
+        probe.close(linger=0)
+    finally:
+        holder.close(linger=0)
+        ctx.term()
+
+
+@pytest.mark.parametrize(
+    ("kw", "names"),
+    [
+        ({"batch_window_s": float("nan")}, "batch_window_s must be a finite number >= 0, got nan"),
+        ({"batch_window_s": -0.1}, "got -0.1"),
+        ({"max_request_age_s": 0.0}, "max_request_age_s must be a finite number > 0"),
+        ({"max_request_age_s": float("nan")}, "got nan"),
+        ({"max_request_age_s": float("inf")}, "got inf"),
+    ],
+)
+def test_action_server_refuses_windows_and_ages_that_cannot_mean_anything(kw, names):
+    with pytest.raises(ValueError, match=names):
+        ActionServer("tcp://127.0.0.1:0", lambda obs: (obs[:, :1], 0), obs_dim=3, **kw)

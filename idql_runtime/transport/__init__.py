@@ -38,6 +38,7 @@ from idql_runtime.transport.security import (
 from idql_runtime.transport.sockets import (
     DEFAULT_HWM,
     DEFAULT_LINGER_MS,
+    BindError,
     RequestChannel,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "ActionServer",
     "ActorLink",
     "ActorState",
+    "BindError",
     "CurveConfig",
     "IngestBatch",
     "InsecureBindError",

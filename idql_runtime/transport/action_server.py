@@ -113,10 +113,16 @@ class ActionServer:
         hwm: int = DEFAULT_HWM,
     ) -> None:
         check_bind_address(bind, insecure=insecure, curve=curve)
-        if obs_dim < 1 or max_batch < 1 or batch_window_s < 0:
+        if obs_dim < 1 or max_batch < 1:
+            raise ValueError(f"need obs_dim >= 1 and max_batch >= 1; got {obs_dim}, {max_batch}")
+        # written "ok unless" so that NaN (false in every comparison) is refused too
+        if not (math.isfinite(batch_window_s) and batch_window_s >= 0):
+            raise ValueError(f"batch_window_s must be a finite number >= 0, got {batch_window_s}")
+        if max_request_age_s is not None and not (
+            math.isfinite(max_request_age_s) and max_request_age_s > 0
+        ):  # 0 or less would refuse every request as stale; NaN would refuse none
             raise ValueError(
-                f"need obs_dim >= 1, max_batch >= 1, batch_window_s >= 0; got "
-                f"{obs_dim}, {max_batch}, {batch_window_s}"
+                f"max_request_age_s must be a finite number > 0 (or None), got {max_request_age_s}"
             )
         self.decide_batch, self.obs_dim, self.max_batch = decide_batch, obs_dim, max_batch
         self.batch_window_s, self.limits = batch_window_s, limits

@@ -35,10 +35,27 @@ def _configure(sock: zmq.Socket, limits: Limits, *, linger_ms: int, hwm: int) ->
     sock.setsockopt(zmq.RCVHWM, hwm)
 
 
+class BindError(OSError):
+    """An endpoint could not be bound: in use (another learner or server still running
+    there?), not an address of this machine, or malformed. The message names it."""
+
+
 def _bind(sock: zmq.Socket, endpoint: str) -> str:
     if _is_ipv6(endpoint):
         sock.setsockopt(zmq.IPV6, 1)
-    sock.bind(endpoint)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        errno = e.errno or 0
+        hints: dict[int, str] = {
+            int(zmq.EADDRINUSE): ": another process holds it (an earlier learner or server still "
+            "running?); stop it or choose another port",
+            int(zmq.EADDRNOTAVAIL): ": not an address of this machine",
+        }
+        hint = hints.get(errno, "")
+        err = BindError(f"cannot bind {endpoint!r}: {zmq.strerror(errno)}{hint}")
+        err.errno = errno
+        raise err from e
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
