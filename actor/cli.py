@@ -3,7 +3,8 @@ optionally streaming transitions to a learner; or ``--serve`` actions to ZeroMQ 
 
 A thin process: it builds library objects (checkpoint -> agent -> engine -> Actor or
 ActionServer) and runs their loop. SIGINT/SIGTERM stop it cleanly: the control loop
-stops (a robot would hold), the link flushes with a bounded wait for acks, exit 0.
+stops (a robot would hold), the link flushes with a bounded wait for acks, exit 0; a
+second signal ends the wait at once.
 Exit status: 0 done or stopped by a signal; 1 the control loop failed (the decision
 engine raised, or another error; logged with its traceback, after the link was still
 flushed and the final status line printed); 2 refused at start-up (bad checkpoint, env
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from typing import Any
 
@@ -297,52 +297,53 @@ def run_actor(args: argparse.Namespace, actor: Any, link: Any) -> int:
     """Run the control loop, then flush the link and print the final status line; the
     link is flushed and the actor closed whether the loop ends or fails (exit status 1,
     logged with the traceback: transitions executed before a failure are still data)."""
+    from idql_runtime.signals import stop_on_signals
+
     log = logging.getLogger("idql-actor")
 
-    def _stop(signum: int, _frame: Any) -> None:
+    def _stop(_signum: int) -> None:
         actor.stop_requested = True
 
-    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     failure = ""
-    link_closing = False
-    try:
+    link_closed = False
+    # the caller's handlers come back when the block ends (idql_runtime.signals)
+    with stop_on_signals(_stop, process="idql-actor", what="stopping the loop, flushing"):
         try:
-            report = actor.run(episodes=args.episodes, max_seconds=args.max_seconds)
-        except Exception as e:
-            log.exception("the control loop failed; flushing the link and stopping")
-            failure = f"{type(e).__name__}: {e}"
-            if e.__cause__ is not None:  # DecisionEngineFailed chains the engine's error
-                failure += f" (from {type(e.__cause__).__name__}: {e.__cause__})"
-            report = actor.report
-            report.stop_reason = f"failed: {failure}"
-        link_closing = True
-        flushed = link.close(flush_timeout_s=args.flush_timeout_s) if link else True
-        final = {
-            "actor_final": {
-                **actor.status(),
-                "stop_reason": report.stop_reason,
-                "returns": [round(r, 2) for r in report.returns],
-                "policy_versions": report.policy_versions,
-                "weight_swaps": report.weight_swaps,
-                "weights_refused": report.weights_refused,
-                "precision_fallback_version": report.precision_fallback_version,
-                "precision_return_version": report.precision_return_version,
-                "precision_events": report.precision_events,
-                "flushed": flushed,
-                "engine": actor.engine.name,
-                "dtype": actor.engine.describe()["dtype"],
-                "precision_check": actor.engine.info.get("precision_check"),
+            try:
+                report = actor.run(episodes=args.episodes, max_seconds=args.max_seconds)
+            except Exception as e:
+                log.exception("the control loop failed; flushing the link and stopping")
+                failure = f"{type(e).__name__}: {e}"
+                if e.__cause__ is not None:  # DecisionEngineFailed chains the engine's error
+                    failure += f" (from {type(e.__cause__).__name__}: {e.__cause__})"
+                report = actor.report
+                report.stop_reason = f"failed: {failure}"
+            flushed = link.close(flush_timeout_s=args.flush_timeout_s) if link else True
+            link_closed = True
+            final = {
+                "actor_final": {
+                    **actor.status(),
+                    "stop_reason": report.stop_reason,
+                    "returns": [round(r, 2) for r in report.returns],
+                    "policy_versions": report.policy_versions,
+                    "weight_swaps": report.weight_swaps,
+                    "weights_refused": report.weights_refused,
+                    "precision_fallback_version": report.precision_fallback_version,
+                    "precision_return_version": report.precision_return_version,
+                    "precision_events": report.precision_events,
+                    "flushed": flushed,
+                    "engine": actor.engine.name,
+                    "dtype": actor.engine.describe()["dtype"],
+                    "precision_check": actor.engine.info.get("precision_check"),
+                }
             }
-        }
-        if link:
-            final["actor_final"]["link_final"] = link.stats()
-        print(json.dumps(final, default=float), flush=True)
-    finally:
-        if link is not None and not link_closing:  # interrupted before the flush: no wait
-            link.close()
-        actor.close()
-        for sig, handler in previous.items():  # in-process callers get theirs back
-            signal.signal(sig, handler)
+            if link:
+                final["actor_final"]["link_final"] = link.stats()
+            print(json.dumps(final, default=float), flush=True)
+        finally:
+            if link is not None and not link_closed:  # interrupted before or in the flush
+                link.close()
+            actor.close()
     if failure:
         print(f"idql-actor: the control loop failed: {failure}", file=sys.stderr)
         return 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 from typing import Any
@@ -67,20 +66,23 @@ def start_server(args: argparse.Namespace, agent: Any, engine: Any) -> Any:
 def run_server(args: argparse.Namespace, server: Any, engine: Any) -> int:
     """Serve until SIGINT/SIGTERM or ``--max-seconds``; the server is closed however it
     ends. An error here is a failure of the run (traceback, exit 1), not a refusal."""
+    from idql_runtime.signals import stop_on_signals
+
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
-    logging.getLogger("idql-serve").info("serving %s with engine %s", server.endpoint, engine.name)
-    print(f"serving {server.endpoint}", flush=True)
-    try:
-        if args.max_seconds > 0:
-            timer = threading.Timer(args.max_seconds, stop.set)
-            timer.daemon = True
-            timer.start()
-        server.serve_forever(stop)
-    finally:
-        server.close()
-        for sig, handler in previous.items():  # the caller's, as the actor's loop does
-            signal.signal(sig, handler)
+    # the caller's handlers come back when the block ends (idql_runtime.signals); they
+    # are in place before "serving" is printed, which callers wait for
+    with stop_on_signals(lambda _signum: stop.set()):
+        log = logging.getLogger("idql-serve")
+        log.info("serving %s with engine %s", server.endpoint, engine.name)
+        print(f"serving {server.endpoint}", flush=True)
+        try:
+            if args.max_seconds > 0:
+                timer = threading.Timer(args.max_seconds, stop.set)
+                timer.daemon = True
+                timer.start()
+            server.serve_forever(stop)
+        finally:
+            server.close()
     return 0
 
 

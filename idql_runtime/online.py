@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from argparse import Namespace
 from collections.abc import Iterable, Mapping
@@ -51,6 +50,7 @@ from idql_runtime.config import (
 from idql_runtime.engines.learner_step import AgentUpdate, LearnerStep
 from idql_runtime.envs import RewardTransform
 from idql_runtime.replay import MixedSampler, ReplaySampler, ReplayStore
+from idql_runtime.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -606,24 +606,21 @@ def run_started_learner(learner: OnlineLearner, args: Namespace) -> int:
     checkpoint it (store healthy), print the final status and close it, whatever ends it.
     Errors of the run propagate with their traceback (not start-up refusals)."""
 
-    def _stop(signum: int, _frame: Any) -> None:
+    def _stop(_signum: int) -> None:
         learner.stop_requested = True
 
-    # the caller's handlers come back afterwards: left installed, a later SIGTERM to an
-    # embedding process (a test runner, a supervisor) went to this finished learner
-    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        learner.run(args.max_seconds, getattr(args, "status_interval_s", 5.0))
-    finally:
+    # the caller's handlers come back afterwards (idql_runtime.signals)
+    with stop_on_signals(_stop, process="idql-learner", what="checkpointing and stopping"):
         try:
-            if learner.store_healthy:
-                learner.checkpoint()
-            print(json.dumps({"learner_final": learner.status()}), flush=True)
-            learner.link.close()
-            learner.store.close()
+            learner.run(args.max_seconds, getattr(args, "status_interval_s", 5.0))
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            try:
+                if learner.store_healthy:
+                    learner.checkpoint()
+                print(json.dumps({"learner_final": learner.status()}), flush=True)
+            finally:  # a failed last checkpoint still closes the sockets and the store
+                learner.link.close()
+                learner.store.close()
     return 0
 
 

@@ -161,6 +161,7 @@ def _refuse_combination(args: argparse.Namespace) -> str | None:
 def _run_offline(args: argparse.Namespace) -> int:
     from idql_runtime.checkpoint import CheckpointError
     from idql_runtime.datasets import open_dataset
+    from idql_runtime.signals import stop_on_signals
     from idql_runtime.trainer import OfflineTrainer, TrainingDiverged
 
     try:
@@ -181,23 +182,27 @@ def _run_offline(args: argparse.Namespace) -> int:
         return 2
     if args.resume and trainer.resume():
         print(f"resumed at iteration {trainer.iteration}", file=sys.stderr)
-    received: list[int] = []
 
-    def _stop(signum: int, _frame: object) -> None:
+    def _stop(_signum: int) -> None:
         # finish the iteration, checkpoint it, return: a cluster's preemption SIGTERM
         # (or Ctrl-C) used to lose everything since the last checkpoint_interval
-        received.append(signum)
         trainer.stop_requested = True
 
-    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        result = trainer.run()
-    except TrainingDiverged as e:
-        print(f"idql-learner: training diverged: {e}", file=sys.stderr)
-        return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_on_signals(
+        _stop, process="idql-learner", what="stopping after this iteration, with a checkpoint"
+    ) as received:
+        try:
+            result = trainer.run()
+        except TrainingDiverged as e:
+            print(f"idql-learner: training diverged: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # a second Ctrl-C: stopped now, no new checkpoint
+            print(
+                f"idql-learner: interrupted at iteration {trainer.iteration}; the newest "
+                f"checkpoint in {trainer.run_dir / 'checkpoints'} is where --resume goes on",
+                file=sys.stderr,
+            )
+            return 128 + signal.SIGINT
     ckpt = trainer.run_dir / "checkpoints"
     if result["stopped_early"]:
         name = signal.Signals(received[0]).name

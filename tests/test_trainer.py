@@ -513,3 +513,53 @@ def test_a_signal_stops_offline_pretraining_with_a_checkpoint_of_the_last_iterat
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resumed at iteration {newest.iteration}" in r.stderr
     assert load_checkpoint(run / "checkpoints").iteration == newest.iteration + 2
+
+
+def test_a_second_ctrl_c_stops_offline_pretraining_at_once_during_an_evaluation_round(
+    hopper_store_path: Path, tmp_path: Path
+) -> None:
+    """The first SIGINT asks for a stop after the iteration; one arriving in an
+    evaluation round waits for the round (here 1000 Hopper episodes: minutes). A second
+    Ctrl-C must stop it now, with exit 130 and no traceback: before, it was taken as the
+    same request again and the process ran the round to its end."""
+    import signal
+    import time
+
+    from idql_runtime.checkpoint import list_checkpoints
+
+    run = tmp_path / "run"
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
+    cmd = [
+        sys.executable, "-m", "learner", "--dataset", str(hopper_store_path),
+        "--run-dir", str(run), "--no-progress", *sets,
+        "--set", "train.iterations=1000", "--set", "train.log_interval=5",
+        "--set", "train.eval_interval=5", "--set", "train.eval_episodes=1000",
+        "--set", "train.eval_samples=[8]", "--set", "train.checkpoint_interval=5",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err_file:
+        proc = subprocess.Popen(cmd, stderr=err_file, text=True, env=env)
+    try:
+        metrics = run / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        # the metrics line of iteration 5 is written just before its evaluation round
+        while time.monotonic() < deadline and not (
+            metrics.exists() and '"iteration": 5' in metrics.read_text()
+        ):
+            time.sleep(0.05)
+        time.sleep(0.5)  # inside the round
+        proc.send_signal(signal.SIGINT)
+        while time.monotonic() < deadline and "signal again" not in err_path.read_text():
+            time.sleep(0.05)
+        assert proc.poll() is None, err_path.read_text()[-2000:]  # still in the round
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    err = err_path.read_text()
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGINT: stopping after this iteration, with a checkpoint" in err
+    assert "interrupted at iteration 5" in err and "Traceback" not in err
+    # the round never finished, so iteration 5's checkpoint (written after it) is not there
+    assert list_checkpoints(run / "checkpoints") == []
