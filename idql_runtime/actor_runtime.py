@@ -29,7 +29,7 @@ from idql_runtime.control import (
     check_rate_hz,
     check_safe_action,
 )
-from idql_runtime.envs import control_rate_hz, make_env
+from idql_runtime.envs import check_env_fits, control_rate_hz, make_env
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,11 @@ class Actor:
             decide_on_main_thread = threading.current_thread() is threading.main_thread()
         self.decide_on_main_thread = decide_on_main_thread
         self.env = make_env(env_id)
+        try:
+            check_env_fits(self.env, env_id, agent.obs_dim, agent.act_dim)
+        except ValueError:
+            self.env.close()
+            raise
         self.env_id, self.actor_id, self.seed = env_id, actor_id, seed
         native = control_rate_hz(self.env)
         self.rate_hz = native if rate_hz is None else rate_hz

@@ -253,10 +253,18 @@ def _owned_by_live_writer(tmp: Path) -> bool:
 
 
 def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
+    """``root`` itself if it is a checkpoint; else its ``ckpt_*`` directories, oldest
+    first; else, for a run directory as the learners lay it out
+    (``<run-dir>/checkpoints/ckpt_*``), those of its ``checkpoints`` directory."""
     root = Path(root)
     if root.name.startswith(_PREFIX) and root.is_dir():
         return [root]
-    return sorted(p for p in root.glob(f"{_PREFIX}*") if p.is_dir())
+    found = sorted(p for p in root.glob(f"{_PREFIX}*") if p.is_dir())
+    if not found and (root / "checkpoints").is_dir():
+        # every CLI's help says "checkpoint dir or run dir": the run dir used to be
+        # refused with "no checkpoint found", only <run-dir>/checkpoints was taken
+        return sorted(p for p in (root / "checkpoints").glob(f"{_PREFIX}*") if p.is_dir())
+    return found
 
 
 def verify(path: Path) -> dict[str, Any]:
@@ -284,7 +292,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, with_train_state: bool = Tr
     """
     candidates = list_checkpoints(path)
     if not candidates:
-        raise CheckpointError(f"no checkpoint found at {path}")
+        raise CheckpointError(
+            f"no checkpoint found at {path} (looked for {_PREFIX}* directories in it and "
+            "in its checkpoints/)"
+        )
     errors = []
     for cand in reversed(candidates):
         try:

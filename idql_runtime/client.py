@@ -13,6 +13,7 @@ resend is safe even when the first request was served and only its reply was los
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -34,6 +35,14 @@ from idql_runtime.protocol import (
     make_health,
 )
 from idql_runtime.transport import CurveConfig, RequestChannel
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+
+
+def _is_integer(x: object) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
 class ActionServerError(RuntimeError):
@@ -64,8 +73,11 @@ class ActionClient:
         limits: Limits = DEFAULT_LIMITS,
         mode: str | None = None,
     ) -> None:
-        if timeout_s <= 0 or retries < 0:
-            raise ValueError(f"need timeout_s > 0 and retries >= 0, got {timeout_s}, {retries}")
+        # not (x > 0): NaN fails it too (it made every attempt time out at once)
+        if not (_is_number(timeout_s) and timeout_s > 0):
+            raise ValueError(f"timeout_s must be a number > 0 (seconds), got {timeout_s!r}")
+        if not _is_integer(retries) or retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
         if curve is None and (server_public_key_file or client_secret_key_file):
             if not (server_public_key_file and client_secret_key_file):
                 raise ValueError(
@@ -93,6 +105,8 @@ class ActionClient:
         now) lets the server refuse the request with ``stale`` if it cannot start in time.
         Raises TimeoutError after all attempts, ActionServerError on an error reply.
         """
+        if deadline_s is not None and not (_is_number(deadline_s) and math.isfinite(deadline_s)):
+            raise ValueError(f"deadline_s must be a finite number of seconds, got {deadline_s!r}")
         request_id = self._new_id()
         now_ns = time.time_ns()
         deadline_ns = None if deadline_s is None else now_ns + int(deadline_s * 1e9)

@@ -209,9 +209,17 @@ def make_env(env_id: str, max_episode_steps: int | None = None) -> Any:
     import gymnasium as gym
 
     kwargs: dict[str, Any] = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
-    env = gym.make(env_id, **kwargs)
+    try:
+        env = gym.make(env_id, **kwargs)
+    except gym.error.Error as e:  # an unknown id, a missing dependency
+        raise ValueError(f"cannot make environment {env_id!r}: {e}") from e
     space: Any = env.action_space
-    if not (np.all(space.low == -1.0) and np.all(space.high == 1.0)):
+    if not (
+        isinstance(space, gym.spaces.Box)
+        and np.all(space.low == -1.0)
+        and np.all(space.high == 1.0)
+    ):
+        env.close()
         raise ValueError(f"{env_id}: expected a Box(-1, 1) action space, got {space}")
     return env
 

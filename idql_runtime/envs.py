@@ -37,6 +37,28 @@ def make_env(env_id: str, *, render_mode: str | None = None, **kwargs: Any) -> g
     return env
 
 
+def check_env_fits(
+    env: gym.Env,
+    env_id: str,
+    obs_dim: int,
+    act_dim: int,
+    *,
+    against: str = "the checkpoint's networks",
+    hint: str = "it was trained on another task: pass the --env it was trained on",
+) -> None:
+    """ValueError naming both sizes unless ``env`` gives flat ``(obs_dim,)`` observations
+    and takes ``(act_dim,)`` actions: a checkpoint run in another task's env used to fail
+    deep inside the first matrix product (or the first decision, as a failed control loop)."""
+    obs_shape = tuple(env.observation_space.shape or ())
+    act_shape = tuple(env.action_space.shape or ())
+    if obs_shape != (obs_dim,) or act_shape != (act_dim,):
+        raise ValueError(
+            f"{env_id} has observations of shape {obs_shape} and actions of shape "
+            f"{act_shape}; {against} have observations ({obs_dim},) and actions "
+            f"({act_dim},)" + (f": {hint}" if hint else "")
+        )
+
+
 def spaces_of(env: gym.Env) -> dict[str, Any]:
     """JSON description of the spaces (stored in checkpoints)."""
     obs, act = env.observation_space, env.action_space

@@ -87,6 +87,8 @@ class OfflineTrainer:
         else:
             self.train_sampler, self.val_sampler = full, None
         self.env_id = cfg.env_id or store.attrs.get("env_id")
+        if self.env_id and t.eval_interval:
+            self._check_eval_env(store.obs_dim, store.act_dim)
         self.ref = reference_scores(self.env_id, store.attrs)
         self.transform = fit_reward_transform(store, t.reward_transform)
         self.agent = Agent(cfg, store.obs_dim, store.act_dim, device=self.device)
@@ -103,6 +105,32 @@ class OfflineTrainer:
         self.stop_requested = False
         """Set (e.g. by a signal handler) to end ``run`` after the current iteration, with
         a checkpoint of it: a preempted or interrupted run loses nothing."""
+
+    def _check_eval_env(self, obs_dim: int, act_dim: int) -> None:
+        """ValueError now, not at the first evaluation round (250k iterations in by
+        default), when the evaluation env cannot be made (a D4RL file's env name that
+        gymnasium does not know) or is another task's."""
+        from idql_runtime.envs import check_env_fits, make_env
+
+        source = "env_id" if self.cfg.env_id else "the dataset's env_id"
+        try:
+            env = make_env(self.env_id)  # type: ignore[arg-type]
+            try:
+                check_env_fits(
+                    env,
+                    self.env_id,  # type: ignore[arg-type]
+                    obs_dim,
+                    act_dim,
+                    against="the dataset's rows",
+                    hint="",
+                )
+            finally:
+                env.close()
+        except ValueError as e:
+            raise ValueError(
+                f"evaluation env ({source} {self.env_id!r}): {e}; pass --set "
+                "env_id=<a gymnasium id of this task> or --set train.eval_interval=0"
+            ) from e
 
     # ------------------------------------------------------------- state
     def meta(self) -> dict[str, Any]:

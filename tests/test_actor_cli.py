@@ -38,6 +38,11 @@ REFUSALS = [
     pytest.param(
         ["--env", "NoSuchEnv-v0", "--learner", LEARNER], "NoSuchEnv-v0", id="bad-env-with-link"
     ),
+    # another task's env: was a failed control loop (exit 1) at the first decision
+    pytest.param(["--env", "HalfCheetah-v5"], "(17,)", id="another-tasks-env"),
+    pytest.param(
+        ["--env", "HalfCheetah-v5", "--learner", LEARNER], "(11,)", id="another-tasks-env-link"
+    ),
     pytest.param(["--learner", "ipc:///tmp/idql-x"], "pass --weights", id="ipc-without-weights"),
     pytest.param(["--rate-hz", "-1"], "got -1.0", id="rate-negative"),
     pytest.param(["--rate-hz", "nan"], "got nan", id="rate-nan"),

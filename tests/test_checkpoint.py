@@ -63,6 +63,20 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path: Path) -> None:
         load_checkpoint(tmp_path)
 
 
+def test_a_run_dir_is_read_through_its_checkpoints_dir(tmp_path: Path) -> None:
+    """Every CLI's --checkpoint help says "checkpoint dir or run dir", and the learners
+    write <run-dir>/checkpoints/ckpt_*: the run dir itself was refused."""
+    a = _agent()
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, a, meta={})
+    newest = save_checkpoint(tmp_path / "run" / "checkpoints", 2, a, meta={})
+    assert load_checkpoint(tmp_path / "run").path == newest
+    assert load_checkpoint(tmp_path / "run" / "checkpoints").path == newest
+    assert load_checkpoint(newest).path == newest
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"no checkpoint found at .*empty \(looked for"):
+        load_checkpoint(tmp_path / "empty")
+
+
 def test_half_written_temp_dir_is_ignored_and_cleaned(tmp_path: Path) -> None:
     a = _agent()
     save_checkpoint(tmp_path, 5, a, meta={})

@@ -173,3 +173,21 @@ def test_idql_collect_small_budget_medium_beats_random(tmp_path):
     assert infos["random"]["rows"] == infos["medium"]["rows"] == 20000
     assert med > 2.0 * rand and med > rand + 30.0, (rand, med)
     assert infos["medium"]["attrs"]["ref_max_score"] > infos["medium"]["attrs"]["ref_min_score"]
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ("NoSuchEnv-v0", "cannot make environment 'NoSuchEnv-v0'"),
+        ("CartPole-v1", "expected a Box(-1, 1) action space, got Discrete(2)"),
+    ],
+)
+def test_idql_collect_refuses_an_env_it_cannot_use_before_any_work(tmp_path, capsys, env, named):
+    """Both were tracebacks (gymnasium's NameNotFound; AttributeError on Discrete.low),
+    the first after the output directory had been made."""
+    from idql_runtime.cli.collect import main
+
+    out = tmp_path / "out"
+    assert main(["--env", env, "--out", str(out), "--size", "10", "--quiet"]) == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()

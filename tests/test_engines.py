@@ -568,6 +568,34 @@ def test_idql_bench_writes_json_table_and_histogram(tmp_path, capsys) -> None:
     assert "--rate-hz takes rates >= 0 (0 = back to back), got '-5'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--samples", "0"], "--samples takes a comma list of integers >= 1, got '0'"),
+        (["--samples", "16,x"], "got '16,x'"),
+        (["--batch", "-1"], "--batch takes a comma list of integers >= 1, got '-1'"),
+        (["--engines", "cpu,cuda_grpah"], "unknown kind 'cuda_grpah'"),
+        (["--dtype", "bf16"], "--dtype 'bf16': choose from float32, bfloat16, float16"),
+        (["--iters", "0"], "--iters must be >= 1, got 0"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--max-seconds", "nan"], "--max-seconds must be a finite number > 0, got nan"),
+        (["--heavy-shapes", "128"], "--heavy-shapes takes NxB,NxB... or 'all', got '128'"),
+        (["--learner-batch", "0"], "--learner-batch must be >= 1, got 0"),
+    ],
+)
+def test_idql_bench_refuses_a_bad_flag_naming_it_before_building_anything(
+    tmp_path, capsys, argv, named
+) -> None:
+    """Before: --samples 0 was a traceback; a misspelt engine or dtype gave error rows
+    among (or instead of) the timed ones, and the run still exited 0."""
+    from idql_runtime.cli.bench import main
+
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was built or written
+
+
 def _bench_json(capsys: pytest.CaptureFixture, argv: list[str]) -> tuple[dict, str]:
     import json
 

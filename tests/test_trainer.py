@@ -49,6 +49,28 @@ def test_short_run_lowers_diffusion_loss_and_td_error(
     assert after["val_td_error"] < before["val_td_error"] / 4.0, (before, after)
 
 
+@pytest.mark.parametrize(
+    ("over", "named"),
+    [
+        ({"env_id": "HalfCheetah-v5"}, "env_id 'HalfCheetah-v5'): HalfCheetah-v5 has observations"),
+        ({"env_id": "hopper-medium-v2"}, "cannot make environment 'hopper-medium-v2'"),
+    ],
+)
+def test_an_evaluation_env_that_cannot_evaluate_is_refused_before_training(
+    hopper_store_path: Path, tmp_path: Path, over: dict[str, Any], named: str
+) -> None:
+    """Another task's env, or a D4RL file's env name gymnasium does not know, used to
+    fail at the first evaluation round: 250k iterations (hours) into a default run.
+    Without evaluation rounds the same env id trains as before."""
+    with pytest.raises(ValueError, match=re.escape(named)) as info:
+        _trainer(hopper_store_path, tmp_path / "a", **over, **{"train.eval_interval": 5})
+    assert "train.eval_interval=0" in str(info.value)
+    assert not (tmp_path / "a").exists()
+    tr = _trainer(hopper_store_path, tmp_path / "b", **over)  # TINY: eval_interval 0
+    tr.step()
+    assert tr.iteration == 1
+
+
 @pytest.mark.parametrize("backend", ["reference", "eager"])
 def test_resume_reproduces_uninterrupted_losses(
     hopper_store_path: Path, tmp_path: Path, backend: str

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import pickle  # only to build a hostile payload; nothing here unpickles
+import re
 import signal
 import socket
 import subprocess
@@ -517,6 +518,33 @@ def test_client_times_out_with_clear_error():
     assert endpoint in str(info.value)
     assert 0.25 < elapsed < 1.5
     assert c.reconnects == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"timeout_s": float("nan")}, "timeout_s must be a number > 0 (seconds), got nan"),
+        ({"timeout_s": 0}, "got 0"),
+        ({"timeout_s": "1"}, "got '1'"),
+        ({"retries": 1.5}, "retries must be an integer >= 0, got 1.5"),
+        ({"retries": -1}, "got -1"),
+        ({"retries": True}, "got True"),
+    ],
+)
+def test_action_client_refuses_a_bad_timeout_or_retry_count_naming_it(kwargs, named):
+    """A NaN timeout passed the old `timeout_s <= 0` check and made every attempt time
+    out at once; a float retry count failed later inside range()."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        ActionClient("tcp://127.0.0.1:1", **kwargs)
+
+
+@pytest.mark.parametrize("deadline_s", [float("nan"), float("inf"), "0.1"])
+def test_action_client_refuses_a_deadline_that_is_not_finite_seconds(deadline_s):
+    """NaN reached int() as a bare "cannot convert float NaN to integer"; nothing is sent."""
+    with ActionClient("tcp://127.0.0.1:1", timeout_s=0.05, retries=0) as c:
+        with pytest.raises(ValueError, match="deadline_s must be a finite number"):
+            c.act(np.zeros(3), deadline_s=deadline_s)
+        assert c.reconnects == 0
 
 
 SERVER_SCRIPT = """

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -91,6 +92,60 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- helpers
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _positive_ints(flag: str, text: str) -> list[int]:
+    """A comma list of integers >= 1, or ValueError naming ``flag`` and the text."""
+    try:
+        values = _ints(text)
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} takes a comma list of integers >= 1, got {text!r}")
+    return values
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """ValueError naming the first bad flag, before any weights are built or timed: a typo
+    used to surface as a traceback (--samples 0) or as an error row minutes into the run
+    (--engines cuda_grpah, --dtype bf16)."""
+    from idql_runtime.engines import KINDS
+
+    _positive_ints("--samples", args.samples)
+    _positive_ints("--batch", args.batch)
+    kinds = [k.strip() for k in args.engines.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ("auto", *KINDS)]
+    if not kinds or bad:
+        raise ValueError(
+            f"--engines {args.engines!r}: unknown kind {bad[0] if bad else ''!r}; choose from "
+            f"{', '.join(('auto', *KINDS))}"
+        )
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r}: choose from {', '.join(DTYPES)}")
+    for flag, value in (
+        ("--iters", args.iters),
+        ("--learner-batch", args.learner_batch),
+        ("--learner-iters", args.learner_iters),
+        ("--obs-dim", args.obs_dim),
+        ("--act-dim", args.act_dim),
+    ):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
+        raise ValueError(f"--max-seconds must be a finite number > 0, got {args.max_seconds}")
+    text = args.heavy_shapes
+    if text is not None and text != "all":
+        try:
+            shapes = [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+        except ValueError:
+            shapes = []
+        if not shapes or any(len(t) != 2 or min(t) < 1 for t in shapes):
+            raise ValueError(f"--heavy-shapes takes NxB,NxB... or 'all', got {text!r}")
 
 
 def machine_info(device: str) -> dict[str, Any]:
@@ -530,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.rates = _rates(args.rate_hz)
+        _check_args(args)
     except ValueError as e:
         print(f"idql-bench: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ import sys
 import types
 import typing
 
-from idql_runtime.collect import CollectConfig, run_collect
+from idql_runtime.collect import CollectConfig, make_env, run_collect
 
 
 def _arg_type(tp: typing.Any) -> typing.Any:
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg.validate()
+        make_env(cfg.env).close()  # an unknown id or a discrete task: refused before any work
     except ValueError as e:
         print(f"idql-collect: {e}", file=sys.stderr)
         return 2

@@ -30,10 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # --episodes 0 printed NaN means (not JSON); --samples 0 silently used the config's N
+    if args.episodes < 1:
+        print(f"idql-eval: --episodes must be >= 1, got {args.episodes}", file=sys.stderr)
+        return 2
+    if args.samples is not None and args.samples < 1:
+        print(f"idql-eval: --samples must be >= 1, got {args.samples}", file=sys.stderr)
+        return 2
     if args.video:
         os.environ.setdefault("MUJOCO_GL", "egl")
     from idql_runtime.checkpoint import CheckpointError, load_checkpoint, restore_agent
-    from idql_runtime.envs import reference_scores
+    from idql_runtime.envs import check_env_fits, make_env, reference_scores
     from idql_runtime.evaluation import Policy, evaluate, plot_returns
 
     try:
@@ -45,6 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     env_id = args.env or ckpt.meta.get("env_id")
     if not env_id:
         print("idql-eval: the checkpoint names no env; pass --env", file=sys.stderr)
+        return 2
+    try:  # an unknown id, or another task's env: refused before any episode runs
+        env = make_env(env_id)
+        try:
+            check_env_fits(env, env_id, agent.obs_dim, agent.act_dim)
+        finally:
+            env.close()
+    except ValueError as e:
+        print(f"idql-eval: --env: {e}", file=sys.stderr)
         return 2
     ref = (
         tuple(ckpt.meta["ref_scores"]) if ckpt.meta.get("ref_scores") else reference_scores(env_id)
