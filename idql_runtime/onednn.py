@@ -11,19 +11,28 @@ transposed operands of the two gradient products go in as strided views, without
 use it for their fc1/fc2 while training on the CPU in float32 (``BlockLinear`` in
 networks.py); the narrower 256-wide layers stay on MKL, which is as fast there.
 ``training_products(False)`` turns it off (the benchmarks' plain-PyTorch baseline).
+
+Where MKL is not slow, oneDNN is no gain: on a 2-core Intel Xeon (Granite Rapids, AMX;
+2026-12-03) MKL ran the same products at 280-346 GFLOP/s against oneDNN's 183-329 (the
+weight gradient at 0.62x), and the whole ``Agent.update`` took 38.2 ms on oneDNN against
+35.1 ms on MKL. So the products go to oneDNN by default only on AMD processors
+(``training_default``); ``IDQL_ONEDNN_TRAINING=1`` / ``0`` forces them on / off. The
+inference engine (engines/cpu.py) stays on oneDNN everywhere: its prepacked weights and
+fused epilogues won on the Xeon too (N = 64 float32 5.7 vs 6.0 ms, bf16 3.4 vs 4.1 ms).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-_enabled = True
+_enabled: bool | None = None  # None: training_default(); set by training_products
 
 
 @functools.cache
@@ -42,9 +51,38 @@ def available() -> bool:
     return True
 
 
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", ...; "" where unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def training_default() -> bool:
+    """Whether training products go to oneDNN when nothing says otherwise: on AMD (MKL's
+    generic path there runs at half oneDNN's rate), not elsewhere (measured as fast or
+    faster on MKL on Intel). ``IDQL_ONEDNN_TRAINING`` ("1" / "0", read once) overrides
+    it; another value raises ValueError naming it."""
+    forced = os.environ.get("IDQL_ONEDNN_TRAINING", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ValueError(f"IDQL_ONEDNN_TRAINING must be 0 or 1, got {forced!r}")
+    return cpu_vendor() == "AuthenticAMD"
+
+
 def training_enabled() -> bool:
-    """Whether training products go to oneDNN (available and not turned off)."""
-    return _enabled and available()
+    """Whether training products go to oneDNN: available, and on (``training_products``
+    inside its block, else ``training_default``)."""
+    on = training_default() if _enabled is None else _enabled
+    return on and available()
 
 
 @contextlib.contextmanager
