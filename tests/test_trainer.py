@@ -489,6 +489,15 @@ def test_online_learner_never_ships_or_checkpoints_nonfinite_weights(
         assert torch.equal(v, good[k]), k
 
 
+def _offline_cmd(store: Path, run: Path, *sets: str) -> list[str]:
+    """`idql-learner --dataset` on the TINY config with ``sets`` (k=v) on top."""
+    tiny = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
+    return [
+        sys.executable, "-m", "learner", "--dataset", str(store), "--run-dir", str(run),
+        "--no-progress", *tiny, *(f"--set={kv}" for kv in sets),
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_stops_offline_pretraining_with_a_checkpoint_of_the_last_iteration(
     hopper_store_path: Path, tmp_path: Path, sig: str
@@ -503,13 +512,10 @@ def test_a_signal_stops_offline_pretraining_with_a_checkpoint_of_the_last_iterat
     from idql_runtime.checkpoint import list_checkpoints, load_checkpoint
 
     run = tmp_path / "run"
-    sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
-    cmd = [
-        sys.executable, "-m", "learner", "--dataset", str(hopper_store_path),
-        "--run-dir", str(run), "--no-progress", *sets,
-        "--set", "train.iterations=1000000", "--set", "train.checkpoint_interval=5",
-        "--set", "train.keep_checkpoints=0", "--set", "train.log_interval=1000000",
-    ]  # fmt: skip
+    cmd = _offline_cmd(
+        hopper_store_path, run, "train.iterations=1000000", "train.checkpoint_interval=5",
+        "train.keep_checkpoints=0", "train.log_interval=1000000",
+    )  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -550,14 +556,11 @@ def test_a_second_ctrl_c_stops_offline_pretraining_at_once_during_an_evaluation_
     from idql_runtime.checkpoint import list_checkpoints
 
     run = tmp_path / "run"
-    sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
-    cmd = [
-        sys.executable, "-m", "learner", "--dataset", str(hopper_store_path),
-        "--run-dir", str(run), "--no-progress", *sets,
-        "--set", "train.iterations=1000", "--set", "train.log_interval=5",
-        "--set", "train.eval_interval=5", "--set", "train.eval_episodes=1000",
-        "--set", "train.eval_samples=[8]", "--set", "train.checkpoint_interval=5",
-    ]  # fmt: skip
+    cmd = _offline_cmd(
+        hopper_store_path, run, "train.iterations=1000", "train.log_interval=5",
+        "train.eval_interval=5", "train.eval_episodes=1000", "train.eval_samples=[8]",
+        "train.checkpoint_interval=5",
+    )  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err_file:
