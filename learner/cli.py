@@ -174,11 +174,15 @@ def _run_offline(args: argparse.Namespace) -> int:
         return 2
     try:
         store = open_dataset(args.dataset)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # unreadable
+        print(f"idql-learner: --dataset {args.dataset}: {e}", file=sys.stderr)
+        return 2
+    try:
         trainer = OfflineTrainer(
             cfg, store, Path(args.run_dir), device=args.device, progress=not args.no_progress
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # unreadable, too few rows
-        print(f"idql-learner: --dataset {args.dataset}: {e}", file=sys.stderr)
+    except ValueError as e:  # too few rows, an evaluation env that cannot evaluate
+        print(f"idql-learner: {e}", file=sys.stderr)
         return 2
     if args.resume and trainer.resume():
         print(f"resumed at iteration {trainer.iteration}", file=sys.stderr)

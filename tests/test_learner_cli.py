@@ -237,6 +237,27 @@ def test_unreadable_dataset_is_refused_naming_it(
     assert "Traceback" not in err
 
 
+def test_an_evaluation_env_of_another_task_is_refused_before_the_first_iteration(
+    hopper_store_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The message names the env and both shapes, not the (readable) dataset; nothing is
+    trained or written (trainer-level test: test_trainer.py)."""
+    from learner.cli import main
+
+    run_dir = tmp_path / "run"
+    rc = main(
+        _offline(
+            hopper_store_path, run_dir, "--set", "env_id=HalfCheetah-v5",
+            "--set", "train.eval_interval=5",
+        )
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert "idql-learner: evaluation env (env_id 'HalfCheetah-v5'): HalfCheetah-v5 has " in err
+    assert "(17,)" in err and "(11,)" in err and "Traceback" not in err
+    assert not (run_dir / "checkpoints").exists()
+
+
 @pytest.mark.parametrize(
     ("override", "shown"),
     [
