@@ -263,7 +263,7 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
     if not found and (root / "checkpoints").is_dir():
         # every CLI's help says "checkpoint dir or run dir": the run dir used to be
         # refused with "no checkpoint found", only <run-dir>/checkpoints was taken
-        return sorted(p for p in (root / "checkpoints").glob(f"{_PREFIX}*") if p.is_dir())
+        return list_checkpoints(root / "checkpoints")
     return found
 
 

@@ -208,11 +208,10 @@ class LinearPolicy:
 def make_env(env_id: str, max_episode_steps: int | None = None) -> Any:
     import gymnasium as gym
 
+    from idql_runtime.envs import gym_make
+
     kwargs: dict[str, Any] = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
-    try:
-        env = gym.make(env_id, **kwargs)
-    except gym.error.Error as e:  # an unknown id, a missing dependency
-        raise ValueError(f"cannot make environment {env_id!r}: {e}") from e
+    env = gym_make(env_id, **kwargs)
     space: Any = env.action_space
     if not (
         isinstance(space, gym.spaces.Box)

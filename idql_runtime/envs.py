@@ -22,12 +22,17 @@ D4RL_REFERENCE_SCORES: dict[str, tuple[float, float]] = {
 }
 
 
-def make_env(env_id: str, *, render_mode: str | None = None, **kwargs: Any) -> gym.Env:
-    """gym.make with actions rescaled to [-1, 1] and clipped, float32 observations."""
+def gym_make(env_id: str, **kwargs: Any) -> gym.Env:
+    """gym.make; an unknown id or a missing dependency is a ValueError naming the id."""
     try:
-        env = gym.make(env_id, render_mode=render_mode, **kwargs)
+        return gym.make(env_id, **kwargs)
     except gym.error.Error as e:
         raise ValueError(f"cannot make environment {env_id!r}: {e}") from e
+
+
+def make_env(env_id: str, *, render_mode: str | None = None, **kwargs: Any) -> gym.Env:
+    """gym.make with actions rescaled to [-1, 1] and clipped, float32 observations."""
+    env = gym_make(env_id, render_mode=render_mode, **kwargs)
     space = env.action_space
     if not isinstance(space, gym.spaces.Box):
         raise ValueError(f"{env_id}: IDQL needs a continuous Box action space, got {space}")
@@ -57,6 +62,16 @@ def check_env_fits(
             f"{act_shape}; {against} have observations ({obs_dim},) and actions "
             f"({act_dim},)" + (f": {hint}" if hint else "")
         )
+
+
+def check_env_id_fits(env_id: str, obs_dim: int, act_dim: int, **message: str) -> None:
+    """Make ``env_id``, ``check_env_fits`` it, close it: a start-up check for a process
+    that makes its env later (evaluation). ValueError for an unknown id too."""
+    env = make_env(env_id)
+    try:
+        check_env_fits(env, env_id, obs_dim, act_dim, **message)
+    finally:
+        env.close()
 
 
 def spaces_of(env: gym.Env) -> dict[str, Any]:

@@ -88,7 +88,7 @@ class OfflineTrainer:
             self.train_sampler, self.val_sampler = full, None
         self.env_id = cfg.env_id or store.attrs.get("env_id")
         if self.env_id and t.eval_interval:
-            self._check_eval_env(store.obs_dim, store.act_dim)
+            self._check_eval_env(self.env_id, store.obs_dim, store.act_dim)
         self.ref = reference_scores(self.env_id, store.attrs)
         self.transform = fit_reward_transform(store, t.reward_transform)
         self.agent = Agent(cfg, store.obs_dim, store.act_dim, device=self.device)
@@ -106,29 +106,18 @@ class OfflineTrainer:
         """Set (e.g. by a signal handler) to end ``run`` after the current iteration, with
         a checkpoint of it: a preempted or interrupted run loses nothing."""
 
-    def _check_eval_env(self, obs_dim: int, act_dim: int) -> None:
+    def _check_eval_env(self, env_id: str, obs_dim: int, act_dim: int) -> None:
         """ValueError now, not at the first evaluation round (250k iterations in by
         default), when the evaluation env cannot be made (a D4RL file's env name that
         gymnasium does not know) or is another task's."""
-        from idql_runtime.envs import check_env_fits, make_env
+        from idql_runtime.envs import check_env_id_fits
 
         source = "env_id" if self.cfg.env_id else "the dataset's env_id"
         try:
-            env = make_env(self.env_id)  # type: ignore[arg-type]
-            try:
-                check_env_fits(
-                    env,
-                    self.env_id,  # type: ignore[arg-type]
-                    obs_dim,
-                    act_dim,
-                    against="the dataset's rows",
-                    hint="",
-                )
-            finally:
-                env.close()
+            check_env_id_fits(env_id, obs_dim, act_dim, against="the dataset's rows", hint="")
         except ValueError as e:
             raise ValueError(
-                f"evaluation env ({source} {self.env_id!r}): {e}; pass --set "
+                f"evaluation env ({source} {env_id!r}): {e}; pass --set "
                 "env_id=<a gymnasium id of this task> or --set train.eval_interval=0"
             ) from e
 

@@ -138,14 +138,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
         raise ValueError(f"--max-seconds must be a finite number > 0, got {args.max_seconds}")
-    text = args.heavy_shapes
-    if text is not None and text != "all":
-        try:
-            shapes = [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
-        except ValueError:
-            shapes = []
-        if not shapes or any(len(t) != 2 or min(t) < 1 for t in shapes):
-            raise ValueError(f"--heavy-shapes takes NxB,NxB... or 'all', got {text!r}")
+    _heavy_shapes(args)
 
 
 def machine_info(device: str) -> dict[str, Any]:
@@ -294,10 +287,17 @@ def parse_options(text: str) -> dict[str, Any]:
 
 
 def _heavy_shapes(args: argparse.Namespace) -> set[tuple[int, int]] | None:
+    """--heavy-shapes as {(N, B)}, None for 'all'; ValueError naming a malformed text."""
     text = args.heavy_shapes or ("128x1" if args.device == "cuda" else "64x1")
     if text == "all":
         return None
-    return {tuple(int(v) for v in s.split("x")) for s in text.split(",")}  # type: ignore[misc]
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(t) != 2 or min(t) < 1 for t in shapes):
+        raise ValueError(f"--heavy-shapes takes NxB,NxB... or 'all', got {text!r}")
+    return set(shapes)  # type: ignore[arg-type]
 
 
 def bench_decisions(agent: Any, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict]:

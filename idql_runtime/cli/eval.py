@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.video:
         os.environ.setdefault("MUJOCO_GL", "egl")
     from idql_runtime.checkpoint import CheckpointError, load_checkpoint, restore_agent
-    from idql_runtime.envs import check_env_fits, make_env, reference_scores
+    from idql_runtime.envs import check_env_id_fits, reference_scores
     from idql_runtime.evaluation import Policy, evaluate, plot_returns
 
     try:
@@ -54,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print("idql-eval: the checkpoint names no env; pass --env", file=sys.stderr)
         return 2
     try:  # an unknown id, or another task's env: refused before any episode runs
-        env = make_env(env_id)
-        try:
-            check_env_fits(env, env_id, agent.obs_dim, agent.act_dim)
-        finally:
-            env.close()
+        check_env_id_fits(env_id, agent.obs_dim, agent.act_dim)
     except ValueError as e:
         print(f"idql-eval: --env: {e}", file=sys.stderr)
         return 2
