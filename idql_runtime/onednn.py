@@ -52,6 +52,25 @@ def available() -> bool:
 
 
 @functools.cache
+def bf16_native() -> bool:
+    """Whether oneDNN runs bfloat16 products natively here (avx512_bf16, AMX or
+    avx_ne_convert): probed with a packed product, since on an AVX2-only CPU
+    (e.g. AMD Zen 3) oneDNN refuses to pack bf16 weights at all."""
+    if not available():
+        return False
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=torch.bfloat16), 4)
+        torch.ops.mkldnn._linear_pointwise(
+            torch.ones(4, 8, dtype=torch.bfloat16), w, None, "none", [], ""
+        )
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
+@functools.cache
 def cpu_vendor() -> str:
     """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", ...; "" where unknown)."""
     try:

@@ -175,6 +175,10 @@ def actor(
         "1",
         "--resend-timeout-s",
         "1.0",
+        # a loaded 2-core machine can starve an actor for 50 ticks (0.4 s at Hopper's 125
+        # Hz) while the others start; tests of the limit itself pass their own
+        "--overrun-limit",
+        "2000",
         *extra,
     ]
     if port is not None:

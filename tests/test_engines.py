@@ -18,8 +18,9 @@ import logging
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from idql_runtime import diffusion
+from idql_runtime import diffusion, onednn
 from idql_runtime.agent import Agent
 from idql_runtime.config import Config
 from idql_runtime.decision import DecisionNoise, DecisionOutput
@@ -111,6 +112,45 @@ def test_cpu_engines_match_float64_reference(kind: str, dtype: str, mode: str) -
         assert_matches_reference(
             eng.decide_with_noise(obs, noise), reference(eng, obs, noise), dtype
         )
+
+
+def test_cpu_bf16_is_emulated_where_onednn_has_no_bf16_kernels(monkeypatch) -> None:
+    """On an AVX2-only CPU (AMD Zen 3, 2026-12-03) oneDNN refused to pack bf16 weights
+    ("bf16 path needs the cpu support avx_ne_convert") and ``--dtype bfloat16`` crashed the
+    cpu engine. It now emulates bf16 there (bf16 values, float32 products); forced here on
+    any CPU: still within bf16's tolerance of the float64 reference, and not float32."""
+    monkeypatch.setattr(onednn, "bf16_native", lambda: False)
+    agent = _agent()
+    eng = build_engine(agent, kind="cpu", batch=1, samples=64, dtype="bfloat16")
+    assert eng.info["bf16"] == "emulated" and eng.dtype == torch.bfloat16
+    obs = torch.randn(1, 17, generator=torch.Generator().manual_seed(7))
+    noise = _noise(eng)
+    out = eng.decide_with_noise(obs, noise)
+    assert_matches_reference(out, reference(eng, obs, noise), "bfloat16")
+    f32 = build_engine(agent, kind="cpu", batch=1, samples=64).decide_with_noise(obs, noise)
+    assert float((out.action - f32.action).abs().max()) > 1e-4, "no bf16 rounding ran"
+
+
+def test_emulated_bf16_product_equals_a_bf16_product_to_one_rounding() -> None:
+    """The emulated block product (bf16-rounded weight, bias, input; float32 kernel; output
+    rounded to bf16) gives what a bf16 product with float32 accumulation gives (aten's bf16
+    ``F.linear``, which runs on every CPU): equal to within one bf16 rounding of the output
+    (2**-8 relative), where plain float32 differs by far more."""
+    from idql_runtime.engines.cpu import _bf16_round, _Linear
+
+    g = torch.Generator().manual_seed(0)
+    w, b, x = (
+        torch.randn(96, 64, generator=g),
+        torch.randn(96, generator=g),
+        torch.randn(8, 64, generator=g),
+    )
+    lin = _Linear(w, b, 8, torch.bfloat16, onednn.available(), emulate=True)
+    got = lin(_bf16_round(x), "relu")
+    want = torch.relu(F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16())).float()
+    assert got.dtype == torch.float32 and torch.equal(got, _bf16_round(got))  # bf16 values
+    scale = want.abs().clamp_min(1.0)
+    assert float(((got - want).abs() / scale).max()) <= 2.0**-7
+    assert float(((torch.relu(F.linear(x, w, b)) - want).abs() / scale).max()) > 2.0**-7 / 4
 
 
 def test_decide_returns_numpy_actions_and_draws_fresh_noise() -> None:
@@ -677,17 +717,21 @@ def test_idql_bench_learner_times_the_checkpoints_agent(tmp_path, capsys) -> Non
 
 
 def test_idql_bench_paces_one_call_per_tick_without_catch_up() -> None:
-    """--rate-hz: each call waits for its tick (start k >= start 0 + k periods: sleeps never
-    return early), and after a call that overran its tick the next starts at once and the
-    ticks restart from there, with no burst of back-to-back calls to catch up."""
+    """--rate-hz: each call waits for its tick (call k starts no earlier than k + 1 periods
+    after the loop began: sleeps never return early; measured from the loop's start, since
+    a late wake-up of one call must not move the ticks after it), and after a call that
+    overran its tick the next starts at once and the ticks restart from there, with no
+    burst of back-to-back calls to catch up."""
     import time
 
     from idql_runtime.cli.bench import _time_calls
 
     period = 0.004
     starts: list[float] = []
+    began = time.perf_counter()
     _time_calls(lambda: starts.append(time.perf_counter()), 12, period_s=period)
-    assert all(t - starts[0] >= k * period - 1e-4 for k, t in enumerate(starts))
+    assert all(t - began >= (k + 1) * period - 1e-4 for k, t in enumerate(starts))
+    assert starts[-1] - began < 12 * period + 0.5  # paced, not asleep for ever
 
     starts = []
 

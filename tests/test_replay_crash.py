@@ -8,7 +8,9 @@ reader must see a count that only grows and never a row that differs from the ge
 
 Run as a script, this file is the writer or the reader process:
     python test_replay_crash.py writer STORE
-    python test_replay_crash.py reader STORE SECONDS
+    python test_replay_crash.py reader STORE SECONDS [MIN_COMMITS MAX_SECONDS]
+(the reader reads for SECONDS, then on until it has seen MIN_COMMITS commits or
+MAX_SECONDS have passed: a slow or loaded machine commits less often, not less safely)
 """
 
 from __future__ import annotations
@@ -99,13 +101,21 @@ def writer_main(path: str) -> None:
         print(len(store), flush=True)
 
 
-def reader_main(path: str, seconds: float) -> None:
+def reader_main(
+    path: str, seconds: float, min_commits: int = 0, max_seconds: float | None = None
+) -> None:
     store = ReplayStore.open(path, "r")
     sampler = ReplaySampler(store, seed=1)
     rng = np.random.default_rng(0)
     prev, counts, errors, checked = len(store), [len(store)], [], 0
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and len(errors) < 5:
+    start = time.monotonic()
+    deadline, last = start + seconds, start + max(seconds, max_seconds or seconds)
+
+    def reading() -> bool:
+        now = time.monotonic()
+        return now < deadline or (len(counts) < min_commits and now < last)
+
+    while reading() and len(errors) < 5:
         n = store.refresh()
         if n and store.commit_meta.get("rows") != n:
             errors.append(f"commit_meta {store.commit_meta} does not match the {n} rows")
@@ -183,8 +193,8 @@ def test_concurrent_reader_sees_only_growing_committed_rows(tmp_path):
     ReplayStore.create(path, OBS_DIM, ACT_DIM, chunk_rows=CHUNK_ROWS).close()
     writer = _spawn("writer", str(path))
     assert writer.stdout.readline().startswith("ready")
-    reader = _spawn("reader", str(path), "4")
-    out, err = reader.communicate(timeout=60)
+    reader = _spawn("reader", str(path), "4", "12", "40")  # 4 s, on to 12 commits (40 s)
+    out, err = reader.communicate(timeout=90)
     writer.send_signal(signal.SIGKILL)
     writer_out, _ = writer.communicate(timeout=30)
     assert reader.returncode == 0, err
@@ -204,6 +214,12 @@ if __name__ == "__main__":
     if sys.argv[1] == "writer":
         writer_main(sys.argv[2])
     elif sys.argv[1] == "reader":
-        reader_main(sys.argv[2], float(sys.argv[3]))
+        extra = sys.argv[4:6]
+        reader_main(
+            sys.argv[2],
+            float(sys.argv[3]),
+            int(extra[0]) if extra else 0,
+            float(extra[1]) if len(extra) > 1 else None,
+        )
     else:
         raise SystemExit(f"unknown role {sys.argv[1]!r}")

@@ -250,6 +250,7 @@ def test_online_learner_fast_step_matches_reference_and_checkpoints(
                 "online.batch_size": 32,
                 "online.finetune_actor": finetune_actor,
                 "train.learner_backend": backend,
+                "online.max_update_burst_s": 60.0,  # count-bound, not time-bound, here
             }
         )
         torch.manual_seed(0)  # same weights and dropout masks for both learners
@@ -433,7 +434,14 @@ def test_online_learner_never_ships_or_checkpoints_nonfinite_weights(
     after 3 roll-backs with no good publish between them it stops updating."""
     from idql_runtime.online import OnlineLearner
 
-    cfg = load_config(overrides={**TINY, "online.warmup_transitions": 10, "online.batch_size": 32})
+    cfg = load_config(
+        overrides={
+            **TINY,
+            "online.warmup_transitions": 10,
+            "online.batch_size": 32,
+            "online.max_update_burst_s": 60.0,  # every owed update in one train(), even slow
+        }
+    )
     store = ReplayStore.open(hopper_store_path)
     link = _RecordingLink()
 

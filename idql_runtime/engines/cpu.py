@@ -14,6 +14,13 @@ Why it is faster than eager on x86 (measured on a 2-core AMD EPYC, see docs/engi
 In bfloat16 only the block products run in bf16 (weights and their inputs, float32
 accumulation); LayerNorm, the residual stream, the reverse update and the critic stay
 float32. Without oneDNN (non-x86 builds) the same code runs on ``F.linear``.
+
+Where oneDNN has no native bf16 kernels (an AVX2-only CPU such as AMD Zen 3, where it
+refuses to pack bf16 weights and plain bf16 ``F.linear`` is ~17x slower than float32),
+bfloat16 is emulated: the weights, biases and every product's input and output are
+rounded to bf16 and the products run in float32 -- bf16's numbers at float32's speed, so
+that a bf16 deployment can be checked here (``info["bf16"] == "emulated"``). ``--dtype
+auto`` never picks it (``precision.reduced_dtype_for``).
 """
 
 from __future__ import annotations
@@ -31,22 +38,37 @@ from idql_runtime.engines.base import Engine, to_output
 _POST_OPS = {nn.SiLU: "swish", nn.ReLU: "relu"}
 
 
+def _bf16_round(x: Tensor) -> Tensor:
+    """x rounded to bfloat16's values, kept in float32."""
+    return x.to(torch.bfloat16).to(torch.float32)
+
+
 class _Linear:
-    """y = post(x @ W^T + b) on a weight packed for ``rows`` input rows."""
+    """y = post(x @ W^T + b) on a weight packed for ``rows`` input rows; ``emulate``:
+    bf16 values (weight, bias, output) in float32 kernels."""
 
     def __init__(
-        self, weight: Tensor, bias: Tensor | None, rows: int, dtype: torch.dtype, onednn: bool
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        rows: int,
+        dtype: torch.dtype,
+        onednn: bool,
+        emulate: bool = False,
     ) -> None:
-        self.onednn = onednn
-        w = weight.detach().to(dtype).contiguous()
+        self.onednn, self.emulate = onednn, emulate
+        kernel = torch.float32 if emulate else dtype
+        w = weight.detach().to(dtype).to(kernel).contiguous()
         self.w = torch.ops.mkldnn._reorder_linear_weight(w, rows) if onednn else w
-        self.b = None if bias is None else bias.detach().to(dtype).contiguous()
+        self.b = None if bias is None else bias.detach().to(dtype).to(kernel).contiguous()
 
     def __call__(self, x: Tensor, post: str = "none") -> Tensor:
         if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, post, [], "")
-        y = F.linear(x, self.w, self.b)
-        return {"none": y, "swish": F.silu(y), "relu": torch.relu(y)}[post]
+            y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, post, [], "")
+        else:
+            y = F.linear(x, self.w, self.b)
+            y = {"none": y, "swish": F.silu(y), "relu": torch.relu(y)}[post]
+        return _bf16_round(y) if self.emulate else y
 
     def add(self, x: Tensor, other: Tensor) -> Tensor:
         """x @ W^T + b + other, the add fused into the product where oneDNN allows."""
@@ -71,9 +93,13 @@ class CpuEngine(Engine):
         if threads is not None:
             torch.set_num_threads(threads)
         self.onednn = onednn.available()
+        # bf16 without native kernels: bf16 values in float32 products (module docstring)
+        self._emulate = self.dtype == torch.bfloat16 and not onednn.bf16_native()
         self.info.update(
             backend="onednn" if self.onednn else "aten", threads=torch.get_num_threads()
         )
+        if self.dtype == torch.bfloat16:
+            self.info["bf16"] = "emulated" if self._emulate else "native"
         self._pack()
 
     def _weights_changed(self) -> None:
@@ -83,7 +109,7 @@ class CpuEngine(Engine):
     def _pack(self) -> None:
         """Precompute everything that depends on the weights only."""
         d, s = self.decision, self.spec
-        rows, f32, lo = s.batch * s.samples, torch.float32, self.dtype
+        rows, f32, lo, em = s.batch * s.samples, torch.float32, self.dtype, self._emulate
         score: Any = d.score  # nn.Module attributes type as Tensor | Module for mypy
         w_a, w_o, _ = score.split_input_weight()
         self._w_a = w_a.T.contiguous().expand(s.batch, -1, -1)  # (B, A, H) for baddbmm
@@ -95,10 +121,10 @@ class CpuEngine(Engine):
             self._blocks.append(
                 (
                     blk.norm if isinstance(blk.norm, nn.LayerNorm) else None,
-                    _Linear(blk.fc1.weight, blk.fc1.bias, rows, lo, self.onednn),
+                    _Linear(blk.fc1.weight, blk.fc1.bias, rows, lo, self.onednn, em),
                     act,
                     blk.act,
-                    _Linear(blk.fc2.weight, blk.fc2.bias, rows, lo, self.onednn),
+                    _Linear(blk.fc2.weight, blk.fc2.bias, rows, lo, self.onednn, em),
                 )
             )
         self._out_act: Any = score.act
@@ -160,9 +186,13 @@ class CpuEngine(Engine):
                 if norm
                 else h
             )
-            if lo != torch.float32:
+            if self._emulate:
+                y = _bf16_round(y)
+            elif lo != torch.float32:
                 y = y.to(lo)
             y = fc1(y, post) if post else act(fc1(y))
+            if self._emulate and not post:
+                y = _bf16_round(y)  # as a bf16 activation's output would be
             h = fc2.add(y, h) if lo == torch.float32 else torch.add(h, fc2(y))
         eps_hat = torch.addmm(self._b_out, self._out_act(h), self._w_out).view_as(x)
         x = torch.add(x, eps_hat, alpha=-d._eps_coef[t]).mul_(d._inv_sqrt_alpha[t])

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from idql_runtime import onednn
 from idql_runtime.decision import DecisionNoise, select_index
 
 PRECISION_LIMITS = {"regret_p99": 0.05, "action_err_p99": 0.05}
@@ -183,11 +184,7 @@ def reduced_dtype_for(kind: str, device: str | torch.device) -> str | None:
     """
     dev = torch.device(device)
     if dev.type == "cpu" and kind == "cpu":
-        try:
-            supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            supported = False
-        return "bfloat16" if supported else None
+        return "bfloat16" if onednn.bf16_native() else None
     if dev.type == "cuda" and kind in ("cuda_graph", "compiled", "triton"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else None
     return None
