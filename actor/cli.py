@@ -153,6 +153,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], Any, Any]
     else:
         engine, fallback, states = _auto_precision(args, build, ckpt.meta)
     log.info("engine: %s (%s)", engine.name, engine.describe()["dtype"])
+    if engine.info.get("bf16") == "emulated":
+        log.warning(
+            "bfloat16 is emulated on this CPU (oneDNN has no bf16 kernels here): bf16's "
+            "numbers at float32's speed; --dtype float32 is as fast"
+        )
     return agent, engine, ckpt.meta, fallback, states
 
 
@@ -334,6 +339,7 @@ def run_actor(args: argparse.Namespace, actor: Any, link: Any) -> int:
                     "flushed": flushed,
                     "engine": actor.engine.name,
                     "dtype": actor.engine.describe()["dtype"],
+                    "bf16": actor.engine.info.get("bf16"),  # "native" / "emulated" / None
                     "precision_check": actor.engine.info.get("precision_check"),
                 }
             }

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 from pathlib import Path
@@ -166,6 +167,31 @@ def test_overrun_limit_still_exits_3_after_flushing(
         assert (rows == faults.SAFE).all()
     finally:
         fl.close()
+
+
+def test_cpu_bf16_without_bf16_kernels_runs_emulated_and_says_so(
+    ckpt: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An AVX2-only CPU (AMD Zen 3): ``--engine cpu --dtype bfloat16`` died at start-up in
+    oneDNN's weight packing. It now acts on emulated bf16 and says so, in the log and the
+    final report (forced here on any CPU)."""
+    from idql_runtime import onednn
+
+    monkeypatch.setattr(onednn, "bf16_native", lambda: False)
+    caplog.set_level(logging.WARNING, logger="idql-actor")
+    rc = main(
+        ["--checkpoint", str(ckpt), "--env", "Hopper-v5", "--engine", "cpu", "--dtype",
+         "bfloat16", "--samples", "8", "--max-seconds", "1", "--rate-hz", "0"]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    assert "bfloat16 is emulated on this CPU" in caplog.text
+    fin = json.loads(next(ln for ln in out.splitlines() if "actor_final" in ln))["actor_final"]
+    assert (fin["engine"], fin["dtype"], fin["bf16"]) == ("cpu", "bfloat16", "emulated")
+    assert fin["steps"] > 0
 
 
 SERVE_REFUSALS = [

@@ -10,6 +10,7 @@ and 0.11; AWR Gaussian 0.10 top, mean between clusters).
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from idql_runtime.agent import Agent
@@ -60,6 +61,7 @@ def _fractions(actions: torch.Tensor) -> list[float]:
     return (d < 0.3).float().mean(0).tolist()
 
 
+@pytest.mark.slow  # two 2000-update trainings: 40 s on a Zen 5, 110 s on a Zen 3 (2 cores)
 def test_figure1_bandit_diffusion_extraction_beats_awr_gaussian() -> None:
     idql = _train("idql")
     obs = np.zeros((2000, 1), np.float32)

@@ -281,7 +281,7 @@ def test_13_curve_admits_only_allow_listed_keys(ckpt: Path, tmp_path: Path, reap
         f"tcp://0.0.0.0:{port + 1}",
     )  # fmt: skip  (non-loopback: allowed because CURVE is on)
     srv = server(tmp_path, ckpt, f"tcp://0.0.0.0:{serve_port}", reaper, *curve)
-    good = actor(tmp_path, ckpt, port, 1, "--curve-dir", str(d["client"]), "--max-seconds", "60")
+    good = actor(tmp_path, ckpt, port, 1, "--curve-dir", str(d["client"]), "--max-seconds", "600")
     # secret keys others may read are refused, by both programs
     leaky = {k: tmp_path / f"leaky-{k}" for k in ("server", "client")}
     for k, path in leaky.items():
