@@ -1,7 +1,7 @@
 """oneDNN float32 products on the CPU: the fast CPU engine's and the learner's.
 
-On x86 PyTorch sends ``F.linear`` / ``torch.mm`` to MKL. On the AMD EPYC these machines
-have, MKL runs a generic path at about 190-210 GFLOP/s for the score network's
+On x86 PyTorch sends ``F.linear`` / ``torch.mm`` to MKL. On the AVX-512 AMD EPYC (Zen 5)
+most of these machines have, MKL runs a generic path at about 190-210 GFLOP/s for the score network's
 (512 x 256 x 1024) block products, where oneDNN (``torch.ops.mkldnn._linear_pointwise``)
 reaches 460 (forward), 470 (input gradient) and 340 GFLOP/s (weight gradient), in
 IEEE float32 (measured 2026-11-26, 2 threads, ``benchmarks/onednn_learner.py``). The
@@ -12,13 +12,16 @@ use it for their fc1/fc2 while training on the CPU in float32 (``BlockLinear`` i
 networks.py); the narrower 256-wide layers stay on MKL, which is as fast there.
 ``training_products(False)`` turns it off (the benchmarks' plain-PyTorch baseline).
 
-Where MKL is not slow, oneDNN is no gain: on a 2-core Intel Xeon (Granite Rapids, AMX;
+Where MKL is not slow, oneDNN is no gain. On an AVX2-only AMD EPYC (Zen 3, 2026-12-03)
+oneDNN's gradient products ran at 0.79-0.92x MKL's and ``Agent.update`` took 106.2 ms
+against 97.3 ms on MKL; on a 2-core Intel Xeon (Granite Rapids, AMX;
 2026-12-03) MKL ran the same products at 280-346 GFLOP/s against oneDNN's 183-329 (the
 weight gradient at 0.62x), and the whole ``Agent.update`` took 38.2 ms on oneDNN against
-35.1 ms on MKL. So the products go to oneDNN by default only on AMD processors
-(``training_default``); ``IDQL_ONEDNN_TRAINING=1`` / ``0`` forces them on / off. The
+35.1 ms on MKL. So the products go to oneDNN by default only on AMD processors with
+AVX-512 (``training_default``); ``IDQL_ONEDNN_TRAINING=1`` / ``0`` forces them on / off. The
 inference engine (engines/cpu.py) stays on oneDNN everywhere: its prepacked weights and
-fused epilogues won on the Xeon too (N = 64 float32 5.7 vs 6.0 ms, bf16 3.4 vs 4.1 ms).
+fused epilogues won on the Xeon too (N = 64 float32 5.7 vs 6.0 ms, bf16 3.4 vs 4.1 ms)
+and on the Zen 3 (64-row block products at 101-116 against MKL's 74-95 GFLOP/s).
 """
 
 from __future__ import annotations
@@ -84,17 +87,32 @@ def cpu_vendor() -> str:
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo ("avx2", "avx512f", ...; empty where
+    unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.cache
 def training_default() -> bool:
-    """Whether training products go to oneDNN when nothing says otherwise: on AMD (MKL's
-    generic path there runs at half oneDNN's rate), not elsewhere (measured as fast or
-    faster on MKL on Intel). ``IDQL_ONEDNN_TRAINING`` ("1" / "0", read once) overrides
-    it; another value raises ValueError naming it."""
+    """Whether training products go to oneDNN when nothing says otherwise: on AMD with
+    AVX-512 (Zen 4/5: MKL runs a generic path there at half oneDNN's rate), not elsewhere
+    (MKL as fast or faster: Intel Xeon, and AVX2-only AMD Zen 3, where oneDNN made
+    ``Agent.update`` 8 % slower). ``IDQL_ONEDNN_TRAINING`` ("1" / "0", read once)
+    overrides it; another value raises ValueError naming it."""
     forced = os.environ.get("IDQL_ONEDNN_TRAINING", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
     if forced:
         raise ValueError(f"IDQL_ONEDNN_TRAINING must be 0 or 1, got {forced!r}")
-    return cpu_vendor() == "AuthenticAMD"
+    return cpu_vendor() == "AuthenticAMD" and "avx512f" in cpu_flags()
 
 
 def training_enabled() -> bool:
