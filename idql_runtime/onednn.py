@@ -73,13 +73,12 @@ def bf16_native() -> bool:
     return True
 
 
-@functools.cache
-def cpu_vendor() -> str:
-    """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", ...; "" where unknown)."""
+def _cpuinfo(key: str) -> str:
+    """The value of the first ``key`` line of /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
@@ -87,17 +86,16 @@ def cpu_vendor() -> str:
 
 
 @functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", ...; "" where unknown)."""
+    return _cpuinfo("vendor_id")
+
+
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo ("avx2", "avx512f", ...; empty where
     unknown)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset(_cpuinfo("flags").split())
 
 
 @functools.cache

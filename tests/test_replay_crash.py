@@ -109,7 +109,7 @@ def reader_main(
     rng = np.random.default_rng(0)
     prev, counts, errors, checked = len(store), [len(store)], [], 0
     start = time.monotonic()
-    deadline, last = start + seconds, start + max(seconds, max_seconds or seconds)
+    deadline, last = start + seconds, start + max(seconds, max_seconds or 0.0)
 
     def reading() -> bool:
         now = time.monotonic()

@@ -87,11 +87,12 @@ def actor_rate_hz(ckpt: Path, env_id: str) -> tuple[float, float, float]:
     import torch
 
     from idql_runtime.checkpoint import load_checkpoint, restore_agent
+    from idql_runtime.cli.bench import _time_calls
     from idql_runtime.engines import build_engine
     from idql_runtime.envs import control_rate_hz, gym_make
 
     env = gym_make(env_id)
-    own = control_rate_hz(env) or 125.0
+    own = control_rate_hz(env)  # 0: the env states none (the actor then runs unpaced)
     env.close()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -99,17 +100,12 @@ def actor_rate_hz(ckpt: Path, env_id: str) -> tuple[float, float, float]:
         agent = restore_agent(load_checkpoint(ckpt, with_train_state=False), optimisers=False)
         engine = build_engine(agent, kind="cpu", batch=1, samples=agent.cfg.policy.samples)
         obs = np.zeros((1, agent.obs_dim), np.float32)
-        for _ in range(5):
-            engine.decide(obs)
-        times = []
-        for _ in range(40):
-            t0 = time.perf_counter()
-            engine.decide(obs)
-            times.append(time.perf_counter() - t0)
+        _time_calls(lambda: engine.decide(obs), 5)  # warm-up
+        p90 = float(np.percentile(_time_calls(lambda: engine.decide(obs), 40), 90)) / 1e6
     finally:
         torch.set_num_threads(threads)
-    p90 = float(np.percentile(times, 90))
-    return min(own, 1.0 / (4.0 * p90)), own, 1e3 * p90
+    cap = 1.0 / (4.0 * p90)
+    return (min(own, cap) if own else cap), own, 1e3 * p90
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{rate:.0f} Hz, {args.seconds:.0f} s",
         flush=True,
     )
-    if rate < own_rate:
+    if not own_rate or rate < own_rate:
+        instead = f"{args.env}'s own {own_rate:.0f} Hz" if own_rate else "unpaced (no env rate)"
         print(
             f"   (decision p90 {p90_ms:.1f} ms on this machine: actors paced at {rate:.0f} Hz, "
-            f"not {args.env}'s own {own_rate:.0f} Hz, so that a decision fits a quarter of "
-            "a tick; the simulation is the same, it runs slower)",
+            f"not {instead}, so that a decision fits a quarter of a tick; the simulation "
+            "is the same, it runs slower)",
             flush=True,
         )
     lines: queue.Queue[tuple[str, str]] = queue.Queue()

@@ -67,7 +67,8 @@ class _Linear:
             y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, post, [], "")
         else:
             y = F.linear(x, self.w, self.b)
-            y = {"none": y, "swish": F.silu(y), "relu": torch.relu(y)}[post]
+            if post != "none":  # only the activation asked for (a dict of all three ran both)
+                y = F.silu(y) if post == "swish" else torch.relu(y)
         return _bf16_round(y) if self.emulate else y
 
     def add(self, x: Tensor, other: Tensor) -> Tensor:
