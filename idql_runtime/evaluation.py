@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,22 +53,32 @@ class Policy:
 
 @dataclass
 class EvalResult:
+    """Completed episodes only. ``interrupted``: a stop request ended the round early; the
+    episode it cut short is left out (its partial return is not comparable)."""
+
     returns: list[float]
     lengths: list[int]
     normalized: list[float] | None
+    interrupted: bool = False
 
     def summary(self) -> dict[str, Any]:
-        r = np.asarray(self.returns)
+        """JSON-ready statistics; with no completed episode the means are None (not NaN,
+        which is not JSON)."""
+        r = np.asarray(self.returns, dtype=np.float64)
         out: dict[str, Any] = {
             "episodes": len(r),
-            "return_mean": float(r.mean()),
-            "return_std": float(r.std()),
+            "return_mean": float(r.mean()) if len(r) else None,
+            "return_std": float(r.std()) if len(r) else None,
             "returns": self.returns,
             "lengths": self.lengths,
+            "interrupted": self.interrupted,
         }
         if self.normalized is not None:
-            n = np.asarray(self.normalized)
-            out.update(normalized_mean=float(n.mean()), normalized_std=float(n.std()))
+            n = np.asarray(self.normalized, dtype=np.float64)
+            out.update(
+                normalized_mean=float(n.mean()) if len(n) else None,
+                normalized_std=float(n.std()) if len(n) else None,
+            )
         return out
 
 
@@ -80,18 +91,29 @@ def evaluate(
     ref: tuple[float, float] | None = None,
     video_path: str | os.PathLike[str] | None = None,
     video_episodes: int = 1,
+    should_stop: Callable[[], bool] | None = None,
+    on_episode: Callable[[int, float, int], None] | None = None,
 ) -> EvalResult:
-    """Run ``episodes`` full episodes sequentially (env seeded once with ``seed``)."""
+    """Run ``episodes`` full episodes sequentially (env seeded once with ``seed``).
+
+    ``should_stop`` is asked before every step: when it says True the round ends there
+    (a Ctrl-C in a 1000-episode round of the offline learner used to wait minutes for
+    it), with the completed episodes and ``interrupted`` set. ``on_episode(index, return,
+    length)`` is called as each episode completes (progress lines)."""
     render = "rgb_array" if video_path else None
     env = make_env(env_id, render_mode=render)
     frames: list[np.ndarray] = []
     returns, lengths = [], []
+    interrupted = False
     obs, _ = env.reset(seed=seed)
     for ep in range(episodes):
         if ep > 0:
             obs, _ = env.reset()
         total, steps, done = 0.0, 0, False
         while not done:
+            if should_stop is not None and should_stop():
+                interrupted = True
+                break
             action = policy(np.asarray(obs, dtype=np.float32))
             obs, reward, terminated, truncated, _ = env.step(action)
             total += float(reward)
@@ -99,8 +121,12 @@ def evaluate(
             done = bool(terminated or truncated)
             if video_path and ep < video_episodes:
                 frames.append(env.render())  # type: ignore[arg-type]
+        if interrupted:
+            break
         returns.append(total)
         lengths.append(steps)
+        if on_episode is not None:
+            on_episode(ep, total, steps)
     env.close()
     if video_path and frames:
         import imageio.v2 as imageio
@@ -108,7 +134,7 @@ def evaluate(
         fps = int(env.metadata.get("render_fps", 30))
         imageio.mimsave(str(video_path), frames, fps=min(fps, 60))  # type: ignore[arg-type]
     norm = [normalized_score(r, ref) for r in returns] if ref else None
-    return EvalResult(returns, lengths, norm)  # type: ignore[arg-type]
+    return EvalResult(returns, lengths, norm, interrupted)  # type: ignore[arg-type]
 
 
 def plot_returns(returns: list[float], path: str | os.PathLike[str], title: str = "") -> None:

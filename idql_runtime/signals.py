@@ -5,7 +5,7 @@ One context manager, so every process stops the same way:
 - the first SIGTERM or SIGINT calls ``on_stop`` (the loop finishes what it is doing and
   checkpoints / flushes) and gives the caller's handlers back, so a second signal acts at
   once as it would have without this (Ctrl-C twice: KeyboardInterrupt; SIGTERM twice: the
-  default termination), e.g. during an evaluation round or a flush that would otherwise
+  default termination), e.g. during a flush wait or a checkpoint that would otherwise
   run to its end;
 - a signal the process was started with ignored (``SIG_IGN``: a job started with ``&``
   from a non-interactive shell ignores SIGINT; ``nohup`` ignores SIGHUP) stays ignored,

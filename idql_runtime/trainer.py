@@ -290,9 +290,16 @@ class OfflineTrainer:
         for n in samples:
             pol = Policy(self.agent, samples=n, seed=t.seed + self.iteration)
             res = evaluate(
-                pol, self.env_id, episodes or t.eval_episodes, seed=t.seed + 10_000, ref=self.ref
+                pol,
+                self.env_id,
+                episodes or t.eval_episodes,
+                seed=t.seed + 10_000,
+                ref=self.ref,
+                should_stop=lambda: self.stop_requested,
             )
             out[f"N{n}"] = res.summary()
+            if res.interrupted:  # a stop request: the rest of the round is not run
+                break
         return out
 
     def run(self, iterations: int | None = None) -> dict[str, Any]:
@@ -348,6 +355,12 @@ class OfflineTrainer:
                     ev = self.evaluate_now()
                     log_file.write(json.dumps({"iteration": self.iteration, "eval": ev}) + "\n")
                     for key, s in ev.items():
+                        if s["interrupted"]:  # a part of a round: not a point on the curve
+                            bar.write(
+                                f"[eval it={self.iteration}] {key}: interrupted after "
+                                f"{s['episodes']} of {t.eval_episodes} episodes"
+                            )
+                            continue
                         if writer:
                             writer.add_scalar(
                                 f"eval/{key}/return", s["return_mean"], self.iteration

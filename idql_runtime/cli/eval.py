@@ -1,11 +1,14 @@
 """``idql-eval``: evaluate a checkpoint in a gymnasium env; JSON to stdout, PNG of returns,
-optional rollout video (headless: MUJOCO_GL=egl or osmesa)."""
+optional rollout video (headless: MUJOCO_GL=egl or osmesa). SIGINT / SIGTERM ends the
+run at the next step and still reports the completed episodes ("interrupted": true,
+exit 128 + the signal); a second one stops at once."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from idql_runtime.checkpoint import CheckpointError, load_checkpoint, restore_agent
     from idql_runtime.envs import check_env_id_fits, reference_scores
     from idql_runtime.evaluation import Policy, evaluate, plot_returns
+    from idql_runtime.signals import stop_on_signals
 
     try:
         ckpt = load_checkpoint(args.checkpoint, with_train_state=False)
@@ -65,7 +69,24 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     policy = Policy(agent, samples=args.samples, mode=args.mode, seed=args.seed)
     video = out / "video.mp4" if args.video else None
-    res = evaluate(policy, env_id, args.episodes, seed=args.seed, ref=ref, video_path=video)  # type: ignore[arg-type]
+    stop: list[int] = []
+    with stop_on_signals(
+        stop.append, process="idql-eval", what="reporting the episodes completed so far"
+    ):
+        res = evaluate(
+            policy,
+            env_id,
+            args.episodes,
+            seed=args.seed,
+            ref=ref,
+            video_path=video,
+            should_stop=lambda: bool(stop),
+            on_episode=lambda i, ret, n: print(
+                f"episode {i + 1}/{args.episodes}: return {ret:.1f}, {n} steps",
+                file=sys.stderr,
+                flush=True,
+            ),
+        )
     summary = res.summary()
     summary.update(
         checkpoint=str(ckpt.path),
@@ -76,8 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         returns_png=str(out / "returns.png"),
         video=str(video) if video else None,
     )
-    plot_returns(res.returns, out / "returns.png", title=f"{env_id} @ it {ckpt.iteration}")
+    if res.returns:
+        plot_returns(res.returns, out / "returns.png", title=f"{env_id} @ it {ckpt.iteration}")
+    else:
+        summary["returns_png"] = None
     print(json.dumps(summary))
+    if stop:  # the shell's code for "ended by this signal", after the partial report
+        print(
+            f"idql-eval: stopped by {signal.Signals(stop[0]).name} after {len(res.returns)} "
+            f"of {args.episodes} episodes",
+            file=sys.stderr,
+        )
+        return 128 + stop[0]
     return 0
 
 
