@@ -616,6 +616,7 @@ def test_idql_bench_writes_json_table_and_histogram(tmp_path, capsys) -> None:
         (["--batch", "-1"], "--batch takes a comma list of integers >= 1, got '-1'"),
         (["--engines", "cpu,cuda_grpah"], "unknown kind 'cuda_grpah'"),
         (["--dtype", "bf16"], "--dtype 'bf16': choose from float32, bfloat16, float16"),
+        (["--dtype", "auto"], "float16 (auto is idql-actor's choice, made by a precision check"),
         (["--iters", "0"], "--iters must be >= 1, got 0"),
         (["--threads", "0"], "--threads must be >= 1, got 0"),
         (["--max-seconds", "nan"], "--max-seconds must be a finite number > 0, got nan"),

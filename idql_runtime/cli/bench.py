@@ -124,7 +124,13 @@ def _check_args(args: argparse.Namespace) -> None:
             f"{', '.join(('auto', *KINDS))}"
         )
     if args.dtype not in DTYPES:
-        raise ValueError(f"--dtype {args.dtype!r}: choose from {', '.join(DTYPES)}")
+        hint = (
+            " (auto is idql-actor's choice, made by a precision check on a checkpoint's "
+            "rollout states: bench float32 and bfloat16 and compare)"
+            if args.dtype == "auto"
+            else ""
+        )
+        raise ValueError(f"--dtype {args.dtype!r}: choose from {', '.join(DTYPES)}{hint}")
     for flag, value in (
         ("--iters", args.iters),
         ("--learner-batch", args.learner_batch),
