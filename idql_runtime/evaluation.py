@@ -64,22 +64,26 @@ class EvalResult:
     def summary(self) -> dict[str, Any]:
         """JSON-ready statistics; with no completed episode the means are None (not NaN,
         which is not JSON)."""
-        r = np.asarray(self.returns, dtype=np.float64)
+        mean, std = _mean_std(self.returns)
         out: dict[str, Any] = {
-            "episodes": len(r),
-            "return_mean": float(r.mean()) if len(r) else None,
-            "return_std": float(r.std()) if len(r) else None,
+            "episodes": len(self.returns),
+            "return_mean": mean,
+            "return_std": std,
             "returns": self.returns,
             "lengths": self.lengths,
             "interrupted": self.interrupted,
         }
         if self.normalized is not None:
-            n = np.asarray(self.normalized, dtype=np.float64)
-            out.update(
-                normalized_mean=float(n.mean()) if len(n) else None,
-                normalized_std=float(n.std()) if len(n) else None,
-            )
+            out["normalized_mean"], out["normalized_std"] = _mean_std(self.normalized)
         return out
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """(mean, std) of values; (None, None) for none."""
+    if not values:
+        return None, None
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std())
 
 
 def evaluate(

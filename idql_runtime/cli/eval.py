@@ -94,13 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         env_id=env_id,
         samples=policy.samples,
         mode=args.mode or agent.cfg.policy.mode,
-        returns_png=str(out / "returns.png"),
+        returns_png=str(out / "returns.png") if res.returns else None,
         video=str(video) if video else None,
     )
     if res.returns:
         plot_returns(res.returns, out / "returns.png", title=f"{env_id} @ it {ckpt.iteration}")
-    else:
-        summary["returns_png"] = None
     print(json.dumps(summary))
     if stop:  # the shell's code for "ended by this signal", after the partial report
         print(
