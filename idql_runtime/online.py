@@ -221,18 +221,26 @@ class OnlineLearner:
 
     # ------------------------------------------------------------ ingest
     def ingest(self, batches: Iterable[Any]) -> int:
-        """Append new batches in one commit, then ack them; duplicates acked at once.
+        """Append new batches in one commit, then ack them; duplicates of committed batches
+        are acked at once, copies of a batch in this same commit only after it lands.
 
         If the commit fails (disk full, read-only store) nothing is acked: the actors
         keep the batches and resend them; committed rows are untouched (reliability #15).
+        A copy acked "duplicate" before its original committed would make the actor drop
+        the batch for good if that commit then failed.
         """
         new: list[tuple[int, int, dict[str, np.ndarray]]] = []
         pending: set[tuple[int, int]] = set()
+        copies: list[tuple[int, int]] = []  # duplicates of a batch in `new`
         for b in batches:
             key = (b.actor_id, b.seq)
-            if self.seq.contains(*key) or key in pending:
+            if self.seq.contains(*key):
                 self.counters["duplicates"] += 1
                 self.link.ack(b.actor_id, b.seq, len(self.store), status="duplicate")
+                continue
+            if key in pending:
+                self.counters["duplicates"] += 1
+                copies.append(key)
                 continue
             try:
                 rows = batch_rows(b.msg, b.actor_id, self.store.obs_dim, self.store.act_dim)
@@ -280,6 +288,8 @@ class OnlineLearner:
         self._meta_dirty = False
         for actor_id, seq, _ in new:
             self.link.ack(actor_id, seq, committed)
+        for actor_id, seq in copies:
+            self.link.ack(actor_id, seq, committed, status="duplicate")
         n = len(merged["reward"])
         self.counters["ingested_rows"] += n
         self.counters["ingested_batches"] += len(new)
@@ -555,10 +565,12 @@ class OnlineLearner:
                 time.sleep(0.05)
                 if self._meta_dirty:
                     self._commit_meta_only()
-            self.train()
+            # right after the poll: a long train() or checkpoint leaves heartbeats queued
+            # in the socket, and a check after it would declare their actors dead
             dead = self.link.dead_actors() if hasattr(self.link, "dead_actors") else []
             if dead or (self._meta_dirty and self.store_healthy):
                 self.forget_dead_actors(dead)
+            self.train()
             now = time.monotonic()
             if now >= orphan_check:
                 orphan_check = float("inf")

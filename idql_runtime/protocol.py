@@ -180,6 +180,17 @@ DEFAULT_LIMITS = Limits()
 
 
 def _short(value: Any) -> str:
+    """A repr of at most _REPR_CHARS characters, built from a bounded prefix of the value.
+
+    A hostile message can put a 60 MiB bin where a short string belongs; repr of the whole
+    value would build ~240 MiB of text in the single-threaded learner loop before cutting it.
+    """
+    if isinstance(value, (bytes, bytearray, str, list, tuple)) and len(value) > _REPR_CHARS:
+        head = repr(value[:_REPR_CHARS])
+        text = f"{head[: _REPR_CHARS - 3]}... ({type(value).__name__} of length {len(value)})"
+        return text
+    if isinstance(value, dict) and len(value) > _REPR_CHARS:
+        return f"dict of {len(value)} keys"
     text = repr(value)
     return text if len(text) <= _REPR_CHARS else text[: _REPR_CHARS - 3] + "..."
 
@@ -319,6 +330,11 @@ def array_from_wire(
     for dim in shape:
         if type(dim) is not int or dim < 0:
             raise ProtocolError(E_BAD_ARRAY, f"{field}.shape: bad dimension {_short(dim)}")
+        if dim > limits.max_array_elements:  # checked alone too: a 0 earlier keeps the product 0
+            raise ProtocolError(
+                E_TOO_LARGE,
+                f"{field}.shape: dimension {dim} > max_array_elements={limits.max_array_elements}",
+            )
         elements *= dim
         if elements > limits.max_array_elements:
             raise ProtocolError(

@@ -124,6 +124,28 @@ def test_a_commit_that_landed_before_its_fsync_failed_is_acked_and_never_stored_
         assert reader.commit_meta["seq_table"] == ln.seq.to_json()
 
 
+def test_a_copy_in_the_same_poll_is_acked_only_after_its_original_commits(
+    store: ReplayStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A duplicating link delivers a batch twice in one poll, then the disk is full. Before,
+    the copy was acked "duplicate" at once, the actor dropped the batch, and when the commit
+    failed its rows were lost for good."""
+    link = _Link()
+    ln = _learner(store, tmp_path / "run", link)
+
+    def disk_full(*args: Any, **kwargs: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "append", disk_full)
+    assert ln.ingest([_batch(1, 100), _batch(1, 100)]) == 0
+    assert link.acks == [] and not ln.store_healthy  # nothing acked: the actor resends
+    monkeypatch.undo()
+    assert ln.ingest([_batch(1, 100), _batch(1, 100)]) == 4
+    assert len(store) == 4
+    assert link.acks == [(1, 100, "committed"), (1, 100, "duplicate")]  # after the commit
+    assert ln.counters["duplicates"] == 2
+
+
 def test_an_actor_that_died_while_the_learner_was_down_gets_its_episode_truncated(
     store: ReplayStore, tmp_path: Path
 ) -> None:

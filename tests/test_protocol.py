@@ -280,6 +280,32 @@ def test_rejects_huge_shape_header_before_allocation():
     assert peak < 2**20, f"decode allocated {peak} bytes for a tiny message"
 
 
+@pytest.mark.parametrize(
+    "shape", [[0, 2**64 - 1], [0, 2**63], [0, 2**40, 2**40], [3, 0, 2**30], [0, 2**24 + 1]]
+)
+def test_rejects_a_huge_dimension_after_a_zero_one(shape):
+    """A 0 keeps the running product 0; each dimension is bounded on its own as well."""
+    obs = {"dtype": "float32", "shape": shape, "data": b""}
+    rejects(raw(request_raw(obs=obs)), P.E_TOO_LARGE, match="max_array_elements")
+    # empty arrays with sane dimensions still decode
+    empty = P.array_from_wire({"dtype": "float32", "shape": [0, 7], "data": b""})
+    assert empty.shape == (0, 7)
+
+
+def test_errors_about_huge_values_cost_only_a_prefix():
+    huge = b"x" * (8 << 20)
+    message = raw(request_raw(request_id=huge))
+    tracemalloc.start()
+    try:
+        err = rejects(message, P.E_SCHEMA, match="request_id")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "bytes of length 8388608" in str(err)
+    assert len(str(err)) < 400
+    assert peak < 1.5 * len(huge), f"the error text of an 8 MiB value allocated {peak} bytes"
+
+
 def test_rejects_shape_data_mismatch_and_bad_dims():
     rejects(raw(request_raw(obs={"dtype": "float32", "shape": [3], "data": b"\0" * 8})),
             P.E_BAD_ARRAY, match="needs 12")  # fmt: skip

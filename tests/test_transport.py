@@ -122,6 +122,31 @@ def test_batches_are_acked_and_removed():
     assert (stats["unacked"], stats["pending"], stats["dropped"], stats["resent"]) == (0, 0, 0, 0)
 
 
+def test_wide_rows_are_batched_within_the_learners_element_limit():
+    """Rows of 300 elements under max_array_elements=1000: batches of 3 rows, all acked.
+    Before, the actor sent batches of 8 (2400 elements) and the learner, with the same
+    limits, refused every one: each row of the run ended "rejected"."""
+    limits = P.Limits(max_array_elements=1000)
+    with LearnerLink(LOOPBACK, LOOPBACK, weights_republish_s=None, limits=limits) as learner:
+        actor = ActorLink(
+            learner.ingest_endpoint, None, 7, batch_size=8, start_seq=0, limits=limits
+        )
+        try:
+            for i in range(20):
+                row = {**transition(i), "obs": np.full(300, i, np.float32)}
+                actor.submit(row, episode_id=0)
+            got = collect(learner, 20, 5.0, ack=True)
+            assert actor.flush(5.0)
+            stats = actor.stats()
+        finally:
+            actor.close()
+    assert [len(b.msg["episode_ids"]) for b in got] == [3] * 6 + [2]
+    obs = np.concatenate([b.msg["arrays"]["obs"] for b in got])
+    assert obs[:, 0].tolist() == list(range(20))
+    assert (stats["acked"], stats["rejected"], stats["invalid"]) == (20, 0, 0)
+    assert learner.stats().get("rejected", 0) == 0
+
+
 def test_resend_after_learner_restart_keeps_actor_id_and_seq(tmp_path):
     ingest = f"ipc://{tmp_path}/ingest"
     first = LearnerLink(ingest, f"ipc://{tmp_path}/weights")
@@ -461,6 +486,37 @@ def test_malformed_requests_get_errors_and_server_keeps_serving():
         assert ok["type"] == "action_reply" and ok["action"].tolist() == [2.0, 2.0]
         stats = server.stats()
     assert stats["rejected"] == len(bad) and stats["received"] == len(bad) + 1
+
+
+def test_one_clients_bad_row_fails_only_its_own_request():
+    """A finite float64 obs that overflows float32 is refused at admission (before, it became
+    inf in the batch), and a row the engine turns NaN fails only the request it came from."""
+    calls: list[int] = []
+
+    def decide(obs: np.ndarray):
+        calls.append(len(obs))
+        out = 2.0 * obs[:, :2]
+        out[obs[:, 0] == 7.0] = np.nan
+        return out, 7
+
+    server = ActionServer(LOOPBACK, decide, obs_dim=3, max_batch=2, batch_window_s=0.5)
+    with serving(server), raw_dealer(server.endpoint) as a, raw_dealer(server.endpoint) as b:
+        overflow = roundtrip(b, P.encode(P.make_action_request(1, np.array([1e39, 0.0, 0.0]))))
+        assert overflow["type"] == "error" and overflow["code"] == "non_finite", overflow
+        assert "float32" in overflow["message"] and "1e+39" in overflow["message"]
+        for sock in (a, b):  # both become active clients: the server then waits for both
+            assert roundtrip(sock, P.encode(P.make_action_request(0, np.ones(3))))["type"] == (
+                "action_reply"
+            )
+        calls.clear()
+        a.send(P.encode(P.make_action_request(2, np.ones(3, np.float32))))
+        b.send(P.encode(P.make_action_request(3, np.array([7.0, 0.0, 0.0], np.float32))))
+        ra, rb = P.decode(a.recv()), P.decode(b.recv())
+        stats = server.stats()
+    assert calls == [2], "both requests should have shared one engine call"
+    assert ra["type"] == "action_reply" and ra["action"].tolist() == [2.0, 2.0], ra
+    assert rb["type"] == "error" and rb["code"] == "internal" and rb["request_id"] == 3, rb
+    assert stats["engine_errors"] == 1 and stats["action_replies"] == 3
 
 
 def test_stale_requests_refused():

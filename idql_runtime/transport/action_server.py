@@ -18,6 +18,7 @@ from idql_runtime.protocol import (
     ACTION_REQUEST,
     DEFAULT_LIMITS,
     E_INTERNAL,
+    E_NON_FINITE,
     E_SCHEMA,
     E_STALE,
     E_TOO_LARGE,
@@ -270,8 +271,18 @@ class ActionServer:
                 f"action_request.mode: {msg['mode']!r}; this server runs {self.mode!r}",
             )
         else:
+            # a finite float64 can overflow the engine's dtype; refused here, it would
+            # turn its row non-finite and fail every request batched with it
+            with np.errstate(over="ignore"):
+                obs = obs.astype(self.obs_dtype, copy=False)
             now_ns = time.time_ns()
-            if "deadline_ns" in msg and now_ns > msg["deadline_ns"]:
+            if not np.isfinite(obs).all():
+                problem = ProtocolError(
+                    E_NON_FINITE,
+                    f"action_request.obs: not finite in {self.obs_dtype.name} "
+                    f"(|obs| max {float(np.abs(msg['obs']).max()):.3g})",
+                )
+            elif "deadline_ns" in msg and now_ns > msg["deadline_ns"]:
                 late_ms = (now_ns - msg["deadline_ns"]) / 1e6
                 problem = ProtocolError(E_STALE, f"deadline passed {late_ms:.3f} ms ago")
             elif (
@@ -304,8 +315,7 @@ class ActionServer:
                 raise ValueError(f"decide_batch returned shape {actions.shape} for {rows} rows")
             if actions.dtype.kind != "f":
                 actions = actions.astype(np.float32)
-            if not np.isfinite(actions).all():
-                raise ValueError("decide_batch returned NaN/inf actions")
+            finite = np.asarray(np.isfinite(actions.reshape(rows, -1)).all(axis=1))
             version = int(version)
         except Exception as exc:  # an engine failure must not take the server down
             self._counts["engine_errors"] += 1
@@ -324,7 +334,17 @@ class ActionServer:
         offset = 0
         for r in pending:
             action = actions[offset : offset + len(r.obs)]
+            ok = finite[offset : offset + len(r.obs)].all()
             offset += len(r.obs)
+            if not ok:  # only the requests whose own rows came out NaN/inf fail
+                self._counts["engine_errors"] += 1
+                log.error("decide_batch returned NaN/inf actions for request %r", r.request_id)
+                self._reject(
+                    r.envelope,
+                    ProtocolError(E_INTERNAL, "engine returned NaN/inf actions for this request",
+                                  request_id=r.request_id),
+                )  # fmt: skip
+                continue
             latency_us = (time.perf_counter_ns() - r.t_recv_ns) // 1000
             reply = make_action_reply(
                 r.request_id, action[0] if r.single else action, version, latency_us, rows

@@ -488,8 +488,9 @@ class ActorLink:
                     return
                 first = self._unsent[0]
                 keys = first.data.keys()
+                rows = min(self.batch_size, self._rows_that_fit(first))
                 items: list[_Unsent] = []
-                while self._unsent and len(items) < self.batch_size:
+                while self._unsent and len(items) < rows:
                     item = self._unsent[0]
                     if item.policy_version != first.policy_version or item.data.keys() != keys:
                         break
@@ -503,6 +504,17 @@ class ActorLink:
                     self._unacked[seq] = batch
                     self._next_seq = seq + 1
                 self._enforce_capacity_locked()
+
+    def _rows_that_fit(self, item: _Unsent) -> int:
+        """Rows like ``item`` one batch can hold within the learner's limits (same ``Limits``
+        at both ends): a batch of wide rows (camera images) cut to fit, rather than refused
+        whole by the learner, every batch of the run. At least 1: a row too large on its own
+        fails in ``_encode`` and is counted invalid."""
+        arrays = [np.asarray(v) for v in item.data.values()]
+        elements = max((a.size for a in arrays), default=1) or 1
+        nbytes = sum(a.nbytes for a in arrays) + 64 * len(arrays) + 64  # msgpack headers
+        by_bytes = (self.limits.max_message_bytes - 4096) // nbytes
+        return max(1, min(self.limits.max_array_elements // elements, by_bytes))
 
     def _encode(self, seq: int, items: list[_Unsent]) -> tuple[_Batch | None, int]:
         """(batch, rows dropped as invalid): stacks rows, drops non-finite ones, encodes."""
@@ -523,6 +535,13 @@ class ActorLink:
                     self._last_error = "transitions with NaN/inf were dropped (counted in invalid)"
             if not items:
                 return None, total
+            for name, array in arrays.items():
+                if array.size > self.limits.max_array_elements:
+                    raise ProtocolError(
+                        E_TOO_LARGE,
+                        f"{name}: one row of {array.size} elements > max_array_elements="
+                        f"{self.limits.max_array_elements}",
+                    )
             msg = make_transitions(
                 self.actor_id,
                 seq,
