@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +161,25 @@ def _json_checked(obj: Any, what: str) -> Any:
         raise SchemaError(f"{what} must be JSON-serialisable: {e}") from e
 
 
+async def _write_all(writes: Sequence[Coroutine[Any, Any, None]]) -> None:
+    """Run ``writes`` concurrently and return, or raise the first failure, only once none of
+    them is still writing. A failed append must leave nothing running: a write that landed
+    after ``append`` had raised could overwrite rows that a later append has committed."""
+    results = await asyncio.gather(*writes, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        # zarr writes one array's chunks as concurrent tasks and stops waiting at the first
+        # that fails, so chunk writes of a failed column may still be running: wait for
+        # every task on zarr's IO loop (a few rounds, in case they spawned more).
+        me = asyncio.current_task()
+        for _ in range(8):
+            running = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+            if not running:
+                break
+            await asyncio.wait(running)
+        raise errors[0]
+
+
 # --------------------------------------------------------------------------- writer column
 class _Column:
     """Writer-side state of one growing array: its committed length and the rows of its
@@ -170,6 +189,10 @@ class _Column:
         self.root = root
         self.arr = arr
         self.length = length
+        # Set when the array is resized, cleared only by a durable commit: a failed append
+        # can grow the array (rewrite zarr.json) without reaching its fsync, and the retry,
+        # finding the array long enough, would otherwise not fsync that metadata either.
+        self.meta_unsynced = False
         self.chunk_rows = int(arr.chunks[0])
         tail_start = (length // self.chunk_rows) * self.chunk_rows
         self.tail = np.asarray(arr[tail_start:length]) if length > tail_start else self._empty()
@@ -189,15 +212,15 @@ class _Column:
         block[n_tail + len(new) :] = self.arr.fill_value
         return start, end, block
 
-    async def write(self, start: int, end: int, block: np.ndarray) -> bool:
+    async def write(self, start: int, end: int, block: np.ndarray) -> None:
         aa = self.arr.async_array
-        grew = aa.shape[0] < end
-        if grew:
+        if aa.shape[0] < end:
+            self.meta_unsynced = True  # before the resize: it may rewrite zarr.json, then fail
             await aa.resize((end, *aa.shape[1:]))
         await aa.setitem(slice(start, end), block)
-        return grew
 
-    def touched(self, start: int, end: int, grew: bool) -> tuple[set[Path], set[Path]]:
+    def touched(self, start: int, end: int) -> tuple[set[Path], set[Path]]:
+        """Files and directories that must be fsynced for rows [start, end) to be durable."""
         files: set[Path] = set()
         dirs: set[Path] = set()
         array_dir = self.root / self.arr.path
@@ -209,7 +232,7 @@ class _Column:
             while d != array_dir:
                 dirs.add(d)
                 d = d.parent
-        if grew:
+        if self.meta_unsynced:
             files.add(array_dir / "zarr.json")
             dirs.add(array_dir)
         return files, dirs
@@ -602,16 +625,12 @@ class ReplayStore:
         work = [(c, v) for c, v in work if len(v)]
         plans = [(c, v, *c.plan(v)) for c, v in work]
         try:
-
-            async def write_all() -> list[bool]:
-                return await asyncio.gather(*[c.write(s, e, b) for c, _v, s, e, b in plans])
-
-            grew = _zarr_sync(write_all())
+            _zarr_sync(_write_all([c.write(s, e, b) for c, _v, s, e, b in plans]))
             if self.durable:
                 files: set[Path] = set()
                 dirs: set[Path] = set()
-                for (c, _v, s, e, _b), g in zip(plans, grew, strict=True):
-                    f, d = c.touched(s, e, g)
+                for c, _v, s, e, _b in plans:
+                    f, d = c.touched(s, e)
                     files |= f
                     dirs |= d
                 assert self._pool is not None
@@ -619,40 +638,47 @@ class ReplayStore:
                 list(self._pool.map(lambda p: _fsync_path(p, True), sorted(dirs)))
             _write_commit_file(self.path, start + n, self._episodes + len(ends), meta)
         except OSError as e:
-            rows, _ = self._reconcile_after_failure(start, n, work)
-            if n and rows == start + n:
+            if self._reconcile_after_failure(start + n, self._episodes + len(ends), meta, work):
+                what = "rows" if n else "commit_meta"
                 raise ReplayWriteError(
                     e.errno or errno.EIO,
-                    f"append of {n} rows to {self.path} was committed ({rows} rows now), but"
-                    f" an fsync after the commit failed ({e}): the rows may not survive a power"
-                    " cut; do not retry this append",
+                    f"append of {n} rows to {self.path} was committed ({self._rows} rows now),"
+                    f" but an fsync after the commit failed ({e}): the {what} may not survive a"
+                    " power cut; do not retry this append",
                     committed=True,
                 ) from e
             raise ReplayWriteError(
                 e.errno or errno.EIO,
-                f"append of {n} rows to {self.path} was not committed ({e}); the {rows} committed"
-                " rows are intact, retry once the cause is fixed",
+                f"append of {n} rows to {self.path} was not committed ({e}); the {self._rows}"
+                " committed rows are intact, retry once the cause is fixed",
             ) from e
         for c, v in work:
             c.advance(v)
+            if self.durable:
+                c.meta_unsynced = False
         self._rows = start + n
         self._episodes += len(ends)
         self._commit_meta = meta
         return self._rows
 
     def _reconcile_after_failure(
-        self, start: int, n: int, work: list[tuple[_Column, np.ndarray]]
-    ) -> tuple[int, int]:
-        # The counter rename may have landed even though a later fsync failed.
+        self, rows: int, episodes: int, meta: dict[str, Any], work: list[tuple[_Column, np.ndarray]]
+    ) -> bool:
+        """After a failed append meant to commit ``(rows, episodes, meta)``: True (and the
+        writer's state moved on to that commit) if its record's rename landed although a
+        later fsync failed. The record proves it when it holds the intended commit and
+        differs from the previous one; that covers a commit of 0 rows and new meta too."""
         try:
-            rows, episodes, meta = _read_commit_file(self.path)
+            record = _read_commit_file(self.path)
         except (OSError, SchemaError):
-            return self._rows, self._episodes
-        if n and rows == start + n and (rows, episodes) != (self._rows, self._episodes):
-            for c, v in work:
-                c.advance(v)
-            self._rows, self._episodes, self._commit_meta = rows, episodes, meta
-        return self._rows, self._episodes
+            return False
+        previous = (self._rows, self._episodes, self._commit_meta)
+        if record != (rows, episodes, meta) or record == previous:
+            return False
+        for c, v in work:
+            c.advance(v)
+        self._rows, self._episodes, self._commit_meta = record
+        return True
 
     def _validate(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not isinstance(batch, Mapping):
@@ -820,7 +846,8 @@ def is_replay_store(path: str | os.PathLike) -> bool:
 # --------------------------------------------------------------------------- samplers
 class _Mirror:
     """Committed rows copied out of a store into one record array, grown incrementally;
-    shared by a sampler and the samplers split from it.
+    shared by a sampler and the samplers split from it, and released (RAM or cache file)
+    when the last of them closes (``users`` counts them).
 
     Up to ``cache_rows`` rows it is a numpy array in RAM. Beyond, it is an unlinked cache
     file read with one ``pread`` per sampled row: memory-mapping it would fault whole
@@ -851,6 +878,7 @@ class _Mirror:
         self.rows = 0
         self.buf: np.ndarray = np.empty(0, self.dtype)
         self.fd: int | None = None
+        self.users = 0
 
     @property
     def file_backed(self) -> bool:
@@ -905,11 +933,28 @@ class _Mirror:
             rec = np.frombuffer(raw, dtype=self.dtype)
         return {k: np.ascontiguousarray(rec[k]) for k in self.keys}
 
+    def empty(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """A batch of 0 rows: ``keys`` with their dtypes and row shapes."""
+        return {k: np.empty(0, self.dtype[k]) for k in keys}
+
+    def release(self) -> None:
+        """One sampler sharing the mirror is done with it; the last one frees it."""
+        self.users -= 1
+        if self.users <= 0:
+            self.close()
+
     def close(self) -> None:
         self.buf = np.empty(0, self.dtype)
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    def __del__(self) -> None:
+        # a parent sampler nobody closes (split() and dropped) must not leak the cache file
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class ReplaySampler:
@@ -933,20 +978,27 @@ class ReplaySampler:
     ):
         self.store = store
         self._rng = np.random.default_rng(seed)
+        self._closed = False
         self._mirror = _mirror or _Mirror(store, keys or list(FIELDS), cache_rows, cache_dir)
         self._indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         self.refresh()
         if self._indices is not None and len(self._indices):
             if self._indices.min() < 0 or self._indices.max() >= self._mirror.rows:
                 raise IndexError("indices reach outside the committed rows")
+        self._mirror.users += 1
 
     @property
     def file_backed(self) -> bool:
         """True when the mirror lives in a cache file rather than RAM."""
         return self._mirror.file_backed
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("replay sampler is closed")
+
     def refresh(self) -> int:
         """Pick up newly committed rows (reads only those); return the rows available."""
+        self._check_open()
         self._mirror.grow()
         return len(self)
 
@@ -954,6 +1006,7 @@ class ReplaySampler:
         return self._mirror.rows if self._indices is None else len(self._indices)
 
     def _draw(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
+        self._check_open()
         n = len(self)
         if n == 0:
             raise ValueError("cannot sample from an empty replay store")
@@ -977,7 +1030,9 @@ class ReplaySampler:
 
     def split(self, fraction: float = 0.95, seed: int = 0) -> tuple[ReplaySampler, ReplaySampler]:
         """Random permutation of the rows: the first ``floor(fraction * n)`` for training,
-        the rest for validation (the reference IDQL split is 95/5)."""
+        the rest for validation (the reference IDQL split is 95/5). Both share this
+        sampler's mirror; closing one leaves the others sampling."""
+        self._check_open()
         if not 0.0 < fraction < 1.0:
             raise ValueError(f"fraction must be in (0, 1), got {fraction}")
         pool = np.arange(self._mirror.rows) if self._indices is None else self._indices
@@ -999,7 +1054,10 @@ class ReplaySampler:
         return train, val
 
     def close(self) -> None:
-        self._mirror.close()
+        """Stop using the mirror; it is freed once every sampler sharing it has closed."""
+        if not self._closed:
+            self._closed = True
+            self._mirror.release()
 
 
 class MixedSampler:
@@ -1028,7 +1086,12 @@ class MixedSampler:
         interleaved evenly: every prefix of the batch holds the same share (to within a
         row). The critic trains on a prefix (``train.critic_batch_rows``, v1's 256), and
         with the sources back to back a prefix no longer than the offline share saw no
-        online row at all."""
+        online row at all. ``sample(0)`` gives 0-row arrays of the keys both sources hold."""
+        if batch_size == 0:
+            self.offline._check_open()
+            self.online._check_open()
+            keys = [k for k in self.offline._mirror.keys if k in self.online._mirror.keys]
+            return self.offline._mirror.empty(keys)
         n_online = int(round(batch_size * self.online_fraction)) if len(self.online) else 0
         if len(self.offline) == 0:
             n_online = batch_size

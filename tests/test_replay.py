@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -316,6 +318,134 @@ def test_fsync_failing_after_the_commit_rename_reports_the_append_committed(stor
     assert not info.value.committed and len(store) == 20
 
 
+def _full_of(batch: dict, value: float) -> dict:
+    """``batch`` with every float field set to ``value`` (rows that must never be read)."""
+    return {k: np.full_like(v, value) if v.dtype.kind == "f" else v for k, v in batch.items()}
+
+
+def test_failed_append_returns_only_after_every_column_write_ended(store, monkeypatch):
+    # One column hits ENOSPC while the others are still writing (a slow disk). If append
+    # raised at once, those writes would land after the next append had committed and
+    # overwrite its rows with the rows of the append that was reported not committed.
+    store.append(rows(0, 3))
+    real_write = replay._Column.write
+    state = {"fail": True, "running": 0}
+
+    async def write(self, start, end, block):
+        state["running"] += 1
+        try:
+            if state["fail"]:
+                if self.arr.path == "data/truncated":
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                await asyncio.sleep(0.3)
+            return await real_write(self, start, end, block)
+        finally:
+            state["running"] -= 1
+
+    monkeypatch.setattr(replay._Column, "write", write)
+    with pytest.raises(ReplayWriteError) as info:
+        store.append(_full_of(rows(3, 8), 111.0))
+    assert not info.value.committed and info.value.errno == errno.ENOSPC
+    assert state["running"] == 0  # nothing of the failed append is still in flight
+    state["fail"] = False
+    assert store.append(rows(3, 8)) == 8
+    time.sleep(0.4)  # time enough for writes left running to land
+    with ReplayStore.open(store.path) as r:
+        got = r.read(0, 8)
+    np.testing.assert_array_equal(got["reward"], np.arange(8))
+    np.testing.assert_array_equal(got["obs"][:, 0], np.arange(8))
+
+
+def test_failed_append_waits_for_zarrs_own_chunk_writes(tmp_path, monkeypatch):
+    # The same race one level down: zarr writes the chunks of one array concurrently and
+    # its gather gives up on the first failing chunk while the others are still running.
+    store = ReplayStore.create(tmp_path / "r.zarr", OBS_DIM, ACT_DIM, chunk_rows=4)
+    real_set = zarr.storage.LocalStore.set
+    state = {"fail": True}
+
+    async def set_(self, key, value):
+        if state["fail"] and key.startswith("data/reward/c/"):
+            if key == "data/reward/c/0":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            await asyncio.sleep(0.3)
+        return await real_set(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", set_)
+    with pytest.raises(ReplayWriteError) as info:
+        store.append(_full_of(rows(0, 12), 111.0))
+    assert not info.value.committed and len(store) == 0
+    state["fail"] = False
+    assert store.append(rows(0, 12)) == 12
+    time.sleep(0.4)
+    with ReplayStore.open(store.path) as r:
+        np.testing.assert_array_equal(r.read(0, 12)["reward"], np.arange(12))
+    store.close()
+
+
+def test_retry_after_a_partial_failure_fsyncs_the_arrays_it_grew(store, monkeypatch):
+    # The failed attempt grew most arrays (their zarr.json now says 32 rows) but never
+    # reached the fsync step; the retry finds them long enough already and must still
+    # fsync that metadata, or a power cut could leave arrays shorter than the counter.
+    store.append(rows(0, 16))
+    real_write, real_fsync = replay._Column.write, replay._fsync_path
+
+    async def enospc_on_episode_id(self, start, end, block):
+        if self.arr.path == "data/episode_id":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await real_write(self, start, end, block)
+
+    monkeypatch.setattr(replay._Column, "write", enospc_on_episode_id)
+    with pytest.raises(ReplayWriteError):
+        store.append(rows(16, 20))
+    grown = [k for k in FIELDS if zarr.open_array(store.path, path=f"data/{k}").shape[0] == 32]
+    assert sorted(grown) == sorted(set(FIELDS) - {"episode_id"})  # the failure was part-way
+    monkeypatch.setattr(replay._Column, "write", real_write)
+    synced: list[tuple[Path, bool]] = []
+
+    def recording_fsync(path, directory=False):
+        synced.append((Path(path), directory))
+        return real_fsync(path, directory)
+
+    monkeypatch.setattr(replay, "_fsync_path", recording_fsync)
+    assert store.append(rows(16, 20)) == 20
+    for k in FIELDS:
+        assert (store.path / "data" / k / "zarr.json", False) in synced, k
+        assert (store.path / "data" / k, True) in synced, k
+    synced.clear()
+    assert store.append(rows(20, 24)) == 24  # nothing grows: no metadata fsync on this one
+    assert not [p for p, _d in synced if p.name == "zarr.json"]
+    with ReplayStore.open(store.path) as r:
+        np.testing.assert_array_equal(r.read(0, 24)["reward"], np.arange(24))
+
+
+def test_meta_only_commit_whose_dir_fsync_fails_is_reported_committed(store, monkeypatch):
+    # A commit of 0 rows and new commit_meta (the learner's record of a dead actor): once
+    # the record's rename landed, the meta is committed even if the fsync after it failed.
+    empty = rows(0, 0)
+    store.append(empty, commit_meta={"v": 1})
+    commit_dir = replay.commit_record_path(store.path).parent
+    real = replay._fsync_path
+
+    def eio_on_commit_dir(path, directory=False):
+        if directory and Path(path) == commit_dir:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, directory)
+
+    monkeypatch.setattr(replay, "_fsync_path", eio_on_commit_dir)
+    with pytest.raises(ReplayWriteError, match="was committed") as info:
+        store.append(empty, commit_meta={"v": 2})
+    assert info.value.committed and info.value.errno == errno.EIO
+    assert (len(store), store.commit_meta) == (0, {"v": 2})
+    monkeypatch.undo()
+    assert store.append(rows(0, 5)) == 5  # None keeps the meta committed above
+    with ReplayStore.open(store.path) as r:
+        assert (len(r), r.commit_meta) == (5, {"v": 2})
+    monkeypatch.setattr(replay, "_write_commit_file", _raise_enospc)
+    with pytest.raises(ReplayWriteError, match="not committed") as info:
+        store.append(empty, commit_meta={"v": 3})  # fails before the rename
+    assert not info.value.committed and store.commit_meta == {"v": 2}
+
+
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     mnt = tmp_path / "mnt"
@@ -466,6 +596,43 @@ def test_mixed_sampler_takes_fixed_fraction_from_each(tmp_path):
     assert [(q["actor_id"][:k] == 7).sum() for k in (4, 100, 128)] == [1, 25, 32]
     offline.close()
     online.close()
+
+
+def test_mixed_sampler_sample_zero_is_empty_like_replay_sampler(tmp_path):
+    offline = ReplayStore.create(tmp_path / "off.zarr", OBS_DIM, ACT_DIM)
+    online = ReplayStore.create(tmp_path / "on.zarr", OBS_DIM, ACT_DIM)
+    offline.append(rows(0, 20, actor_id=-1))
+    online.append(rows(0, 10, actor_id=7))
+    off = ReplaySampler(offline)
+    mixed = MixedSampler(off, ReplaySampler(online), online_fraction=0.5)
+    got, want = mixed.sample(0), off.sample(0)
+    assert sorted(got) == sorted(want) == sorted(FIELDS)
+    for k in FIELDS:
+        assert (got[k].shape, got[k].dtype) == (want[k].shape, want[k].dtype), k
+    assert got["obs"].shape == (0, OBS_DIM) and got["action"].shape == (0, ACT_DIM)
+    assert got["terminated"].dtype == np.bool_ and got["reward"].shape == (0,)
+    assert mixed.sample(4)["obs"].shape == (4, OBS_DIM)  # and batches with rows still work
+    offline.close()
+    online.close()
+
+
+def test_closing_one_split_half_leaves_the_other_sampling(store, tmp_path):
+    store.append(rows(0, 200))
+    full = ReplaySampler(store, seed=0, cache_rows=100, cache_dir=tmp_path)  # file-backed
+    train, val = full.split(0.9, seed=1)
+    mirror = full._mirror
+    val.close()
+    val.close()  # closing twice releases the mirror once
+    b = train.sample(500)
+    assert set(b["obs"][:, 0].astype(int)) <= set(train._indices.tolist())
+    np.testing.assert_array_equal(b["reward"], b["obs"][:, 0])
+    with pytest.raises(ValueError, match="closed"):
+        val.sample(4)
+    train.close()
+    assert mirror.file_backed  # the parent still holds it
+    assert full.sample(8)["obs"].shape == (8, OBS_DIM)
+    full.close()
+    assert not mirror.file_backed  # the last sampler closed: the cache file is released
 
 
 def test_sampler_on_empty_store_raises(store):
