@@ -16,6 +16,7 @@ Formats:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -491,8 +492,16 @@ def import_diffusion_policy_zarr(
     obs comes from data/obs or data/state (or ``obs_key``), action from data/action,
     reward from data/reward (zeros if absent), terminated from data/terminated or
     data/terminals (False if absent). Without data/next_obs, step t of an episode becomes
-    (obs[t], a[t], r[t], obs[t+1]) and an episode's last step, having no successor, is
-    dropped (as d4rl drops its last row); the episode's last kept row is ``truncated``.
+    (obs[t], a[t], r[t], obs[t+1]), and an episode's last step, which has no successor:
+    - is kept when it is terminal, with next_obs = obs[t] as a placeholder (a terminal
+      row's next_obs is never bootstrapped), so its reward and ``terminated`` survive;
+    - is dropped otherwise, and the row before it becomes ``truncated``.
+    d4rl's qlearning_dataset likewise keeps terminal rows (with obs[i+1], there the next
+    episode's reset) and drops timeout rows and the file's final row. With data/next_obs
+    every step is kept and a non-terminal last step becomes ``truncated``.
+
+    meta/episode_ends must be strictly increasing, from >= 1 to <= the number of rows;
+    rows after its last value (an open episode) are left out.
     """
     path = Path(path)
     arrays = list_zarr_arrays(path)
@@ -520,9 +529,8 @@ def import_diffusion_policy_zarr(
     raw = read_zarr_arrays(path, wanted + [v for v in found.values() if v])
     obs = raw[okey].astype(np.float32)
     n = len(obs)
-    ends = raw["meta/episode_ends"].astype(np.int64)
-    if len(ends) and (np.any(np.diff(ends) <= 0) or ends[-1] > n):
-        raise SchemaError(f"{path}: meta/episode_ends is not increasing within {n} rows")
+    ends = raw["meta/episode_ends"].astype(np.int64).reshape(-1)
+    _check_episode_ends(path, ends, n)
     reward = (
         raw[found["reward"]].astype(np.float32).reshape(n)
         if found["reward"]
@@ -546,11 +554,16 @@ def import_diffusion_policy_zarr(
         )
         trunc = trunc | (last_row[keep] & ~term[keep])
     else:
-        keep = np.flatnonzero(~last_row[: int(ends[-1]) if len(ends) else 0])
-        nxt = obs[keep + 1]
-        before_last = np.zeros(n, dtype=bool)
-        before_last[ends[ends >= 2] - 2] = True
-        trunc = before_last[keep] & ~term[keep]
+        covered = int(ends[-1]) if len(ends) else 0
+        dropped = last_row & ~term  # last steps with no successor and no need of one
+        keep = np.flatnonzero(~dropped[:covered])
+        # obs[t + 1] within an episode; the placeholder obs[t] at a kept (terminal) last step
+        nxt = obs[np.where(last_row[keep], keep, keep + 1)]
+        starts = np.concatenate([[0], ends[:-1]])
+        cut = ends[~term[ends - 1] & (ends - starts >= 2)] - 2  # rows before a dropped one
+        before_dropped = np.zeros(n, dtype=bool)
+        before_dropped[cut] = True
+        trunc = before_dropped[keep] & ~term[keep]
     cols = {
         "obs": obs[keep],
         "action": action[keep],
@@ -570,6 +583,25 @@ def import_diffusion_policy_zarr(
         overwrite=overwrite,
         chunk_rows=chunk_rows,
     )
+
+
+def _check_episode_ends(path: Path, ends: np.ndarray, n: int) -> None:
+    """Exclusive episode ends must be strictly increasing within 1..n (a value < 1 would
+    index from the array's end)."""
+    if not len(ends):
+        return
+    if ends[0] < 1:
+        raise SchemaError(f"{path}: meta/episode_ends[0] = {ends[0]} (must be >= 1)")
+    step = np.diff(ends)
+    if np.any(step <= 0):
+        i = int(np.flatnonzero(step <= 0)[0]) + 1
+        raise SchemaError(
+            f"{path}: meta/episode_ends[{i}] = {ends[i]} after {ends[i - 1]}"
+            " (must be strictly increasing)"
+        )
+    if ends[-1] > n:
+        i = len(ends) - 1
+        raise SchemaError(f"{path}: meta/episode_ends[{i}] = {ends[i]} exceeds the {n} rows")
 
 
 # --------------------------------------------------------------------------- npz
@@ -666,7 +698,8 @@ def export_npz(store: ReplayStore, path: str | os.PathLike, *, compressed: bool 
 
 # --------------------------------------------------------------------------- open_dataset
 def detect_format(path: str | os.PathLike) -> str:
-    """One of "idql", "d4rl-hdf5", "minari", "dp-zarr", "npz"; ValueError otherwise."""
+    """One of "idql", "d4rl-hdf5", "minari", "dp-zarr", "npz"; FileNotFoundError when
+    ``path`` is neither a file, a directory nor a local Minari id, ValueError otherwise."""
     p = Path(path)
     if p.is_dir():
         if is_replay_store(p):
@@ -684,10 +717,15 @@ def detect_format(path: str | os.PathLike) -> str:
             return "d4rl-hdf5"
         if head[:4] == b"PK\x03\x04" or p.suffix == ".npz":
             return "npz"
-    elif not p.is_absolute():
-        with contextlib.suppress(FileNotFoundError):
-            _minari_data_path(str(path))
-            return "minari"
+    else:
+        if not p.is_absolute():
+            with contextlib.suppress(FileNotFoundError):
+                _minari_data_path(str(path))
+                return "minari"
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist"
+            + ("" if p.is_absolute() else " (and is not a local Minari dataset id)")
+        )
     raise ValueError(
         f"cannot tell the format of {path!r}: expected an idql replay store, a D4RL HDF5 file,"
         " a Minari dataset (dir or local id), a Diffusion Policy zarr or an npz"
@@ -710,32 +748,42 @@ def open_dataset(
     """Open any supported dataset as a read-only replay store.
 
     An idql store opens directly; anything else is imported once into
-    ``cache_dir/<name>.idql.zarr`` (default: the sibling ``<path>.idql.zarr``; for Minari
-    datasets ``$XDG_CACHE_HOME/idql-runtime``, outside minari's root) and that import is
-    reused while it is newer than the source.
+    ``cache_dir/<name>-<key>.idql.zarr``: name is the source's basename (for Minari, the
+    dataset directory's, whether given by id or by path) and key the first 8 hex digits of
+    the sha1 of the resolved source path (for Minari, its data/ directory), so sources
+    that share a basename get separate caches. The default cache_dir is the directory the
+    source is in; for Minari datasets it is ``$XDG_CACHE_HOME/idql-runtime``, outside
+    minari's root. The import is reused while it is newer than the source and its
+    attrs["source"]["path"] is that resolved path; otherwise it is imported again.
     """
     fmt = detect_format(path)
     if fmt == "idql":
         return ReplayStore.open(path, "r")
-    source = Path(path) if Path(path).exists() else _minari_data_path(str(path)).parent
-    name = source.name if Path(path).exists() else str(path).replace("/", "_")
-    if cache_dir is None and fmt == "minari":
-        # not next to the dataset: minari lists every directory under its root
-        xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        cache_dir = Path(xdg) / "idql-runtime"
-    if cache_dir is not None:
-        cache = Path(cache_dir) / f"{name}.idql.zarr"
+    if fmt == "minari":
+        # what import_minari records as its source: the dataset's data/ directory
+        source = _minari_data_path(str(path)).resolve()
+        name = source.parent.name  # one cache per dataset, given by id or by directory
+        if cache_dir is None:
+            # not next to the dataset: minari lists every directory under its root
+            xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+            cache_dir = Path(xdg) / "idql-runtime"
     else:
-        cache = source.with_name(f"{name}.idql.zarr")
+        source = Path(path).resolve()
+        name = Path(path).name
+    key = hashlib.sha1(str(source).encode()).hexdigest()[:8]
+    cache = Path(cache_dir if cache_dir is not None else Path(path).parent)
+    cache = cache / f"{name}-{key}.idql.zarr"
     if is_replay_store(cache):
         built = commit_record_path(cache).stat().st_mtime_ns
         if built > _source_mtime_ns(source):
-            return ReplayStore.open(cache, "r")
+            store = ReplayStore.open(cache, "r")
+            if (store.attrs.get("source") or {}).get("path") == str(source):
+                return store
+            store.close()  # a cache of another source under this name (copied, or a hash clash)
     importers: dict[str, Callable[..., ReplayStore]] = {
         "d4rl-hdf5": import_d4rl_hdf5,
         "minari": import_minari,
         "dp-zarr": import_diffusion_policy_zarr,
         "npz": import_npz,
     }
-    store = importers[fmt](source if fmt != "minari" else path, cache, overwrite=True)
-    return store
+    return importers[fmt](source, cache, overwrite=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 import warnings
 
@@ -385,8 +386,9 @@ def test_npz_transitions_without_timeouts_split_episodes_at_discontinuities(tmp_
 def test_open_dataset_detects_imports_once_and_reimports_when_source_changes(tmp_path, episodes):
     write_h5(tmp_path / "d.hdf5", d4rl_raw(episodes))
     store = open_dataset(tmp_path / "d.hdf5")
-    cache = tmp_path / "d.hdf5.idql.zarr"
-    assert store.path == cache and store.mode == "r"
+    cache = store.path  # next to the source: d.hdf5-<8 hex of sha1(resolved path)>.idql.zarr
+    assert cache.parent == tmp_path and store.mode == "r"
+    assert re.fullmatch(r"d\.hdf5-[0-9a-f]{8}\.idql\.zarr", cache.name)
     stamp = commit_record_path(cache).stat().st_mtime_ns
     again = open_dataset(tmp_path / "d.hdf5")
     assert commit_record_path(cache).stat().st_mtime_ns == stamp  # reused
@@ -397,7 +399,7 @@ def test_open_dataset_detects_imports_once_and_reimports_when_source_changes(tmp
     assert commit_record_path(cache).stat().st_mtime_ns != stamp  # source newer: re-imported
     assert open_dataset(cache).path == cache  # our own store opens directly
     other = open_dataset(tmp_path / "d.hdf5", cache_dir=tmp_path / "cache")
-    assert other.path == tmp_path / "cache" / "d.hdf5.idql.zarr"
+    assert other.path == tmp_path / "cache" / cache.name
 
 
 def test_open_dataset_handles_minari_and_npz_and_rejects_unknown(tmp_path, episodes):
@@ -412,3 +414,153 @@ def test_open_dataset_handles_minari_and_npz_and_rejects_unknown(tmp_path, episo
     (tmp_path / "junk.txt").write_text("hello")
     with pytest.raises(ValueError, match="cannot tell the format"):
         open_dataset(tmp_path / "junk.txt")
+
+
+def small_raw(n, obs_value):
+    """Raw D4RL steps of one timed-out episode whose observations all equal obs_value."""
+    timeouts = np.zeros(n, np.float32)
+    timeouts[-1] = 1.0
+    return {
+        "observations": np.full((n, 3), obs_value, np.float32),
+        "actions": np.zeros((n, 2), np.float32),
+        "rewards": np.full(n, obs_value, np.float32),
+        "terminals": np.zeros(n, np.float32),
+        "timeouts": timeouts,
+    }
+
+
+def test_open_dataset_keeps_sources_with_the_same_basename_apart(tmp_path):
+    (tmp_path / "walker").mkdir()
+    (tmp_path / "hopper").mkdir()
+    np.savez(tmp_path / "walker" / "medium.npz", **small_raw(50, 2.0))
+    np.savez(tmp_path / "hopper" / "medium.npz", **small_raw(10, 1.0))
+    hopper = open_dataset(tmp_path / "hopper" / "medium.npz", cache_dir=tmp_path / "c")
+    walker = open_dataset(tmp_path / "walker" / "medium.npz", cache_dir=tmp_path / "c")
+    # d4rl semantics: the timeout row (the last) is dropped, so n - 1 rows of obs_value
+    assert len(hopper) == 9 and (hopper.read(0, 9)["obs"] == 1.0).all()
+    assert len(walker) == 49 and (walker.read(0, 49)["obs"] == 2.0).all()
+    assert hopper.path != walker.path
+    for store, src in ((hopper, "hopper"), (walker, "walker")):
+        assert store.path.parent == tmp_path / "c"
+        assert store.path.name.startswith("medium.npz-") and store.path.name.endswith(".idql.zarr")
+        assert store.attrs["source"]["path"] == str((tmp_path / src / "medium.npz").resolve())
+    # reopening reuses each one's own cache
+    again = open_dataset(tmp_path / "hopper" / "medium.npz", cache_dir=tmp_path / "c")
+    assert again.path == hopper.path and len(again) == 9
+
+
+def test_open_dataset_reimports_a_cache_recorded_for_another_source(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    np.savez(tmp_path / "a" / "d.npz", **small_raw(10, 1.0))
+    np.savez(tmp_path / "b" / "d.npz", **small_raw(30, 2.0))
+    cache = open_dataset(tmp_path / "a" / "d.npz", cache_dir=tmp_path / "c").path
+    # a newer store at a's cache path whose attrs say it came from b (e.g. a copied cache)
+    import_npz(tmp_path / "b" / "d.npz", cache, overwrite=True).close()
+    got = open_dataset(tmp_path / "a" / "d.npz", cache_dir=tmp_path / "c")
+    assert got.attrs["source"]["path"] == str((tmp_path / "a" / "d.npz").resolve())
+    assert len(got) == 9 and (got.read(0, 9)["obs"] == 1.0).all()
+
+
+def test_open_dataset_keeps_minari_datasets_with_the_same_name_apart(
+    tmp_path, episodes, monkeypatch
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    walker = make_minari(tmp_path / "m", "test/walker2d/medium-v0", episodes[:3])
+    hopper = make_minari(tmp_path / "m", "test/hopper/medium-v0", episodes[3:4])
+    rows = {
+        k: sum(len(e["rewards"]) for e in eps)
+        for k, eps in (("w", episodes[:3]), ("h", episodes[3:4]))
+    }
+    # as dataset dirs, and as their data/ dirs (the basename of every Minari data dir)
+    for given in (lambda d: d, lambda d: d / "data"):
+        sh, sw = open_dataset(given(hopper)), open_dataset(given(walker))
+        assert len(sh) == rows["h"] and len(sw) == rows["w"]
+        np.testing.assert_array_equal(sw.read(0, len(sw))["obs"][:5], episodes[0]["obs"][:5])
+        np.testing.assert_array_equal(sh.read(0, len(sh))["obs"][:5], episodes[3]["obs"][:5])
+        assert sh.path != sw.path
+        assert sh.path.parent == tmp_path / "xdg" / "idql-runtime"
+        assert sh.path.name.startswith("medium-v0-") and sw.path.name.startswith("medium-v0-")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "m"))
+    assert open_dataset("test/hopper/medium-v0").path == sh.path  # by id: the same cache
+
+
+def test_diffusion_policy_zarr_keeps_terminal_last_steps(tmp_path, episodes):
+    """A terminal last step has no successor but needs none (never bootstrapped): it is
+    kept with next_obs = obs[t], its reward and terminated; a timed-out episode's last step
+    is dropped and the step before it becomes truncated."""
+    root = zarr.open_group(tmp_path / "dp.zarr", mode="w")
+    root.create_array("data/obs", data=np.concatenate([e["obs"][:-1] for e in episodes]))
+    root.create_array("data/action", data=np.concatenate([e["actions"] for e in episodes]))
+    root.create_array("data/reward", data=np.concatenate([e["rewards"] for e in episodes]))
+    root.create_array("data/terminated", data=np.concatenate([e["terminations"] for e in episodes]))
+    lengths = [len(e["rewards"]) for e in episodes]
+    root.create_array("meta/episode_ends", data=np.cumsum(lengths).astype(np.int64))
+    store = import_diffusion_policy_zarr(tmp_path / "dp.zarr", tmp_path / "s.zarr")
+    got = store.read(0, len(store))
+    want: dict[str, list[np.ndarray]] = {k: [] for k in ("obs", "next_obs", "reward", "term")}
+    for e in episodes:
+        t = len(e["rewards"])
+        k = t if e["terminations"][-1] else t - 1  # steps kept
+        want["obs"].append(e["obs"][:k])
+        nxt = e["obs"][1 : k + 1].copy()
+        if e["terminations"][-1]:
+            nxt[-1] = e["obs"][t - 1]  # the placeholder for the terminal row
+        want["next_obs"].append(nxt)
+        want["reward"].append(e["rewards"][:k])
+        want["term"].append(e["terminations"][:k])
+    np.testing.assert_array_equal(got["obs"], np.concatenate(want["obs"]))
+    np.testing.assert_array_equal(got["next_obs"], np.concatenate(want["next_obs"]))
+    np.testing.assert_array_equal(got["reward"], np.concatenate(want["reward"]))
+    np.testing.assert_array_equal(got["terminated"], np.concatenate(want["term"]))
+    kept = [len(o) for o in want["obs"]]
+    ends = np.cumsum(kept)
+    np.testing.assert_array_equal(store.episode_ends(), ends)
+    n_term = sum(bool(e["terminations"][-1]) for e in episodes)
+    assert got["terminated"].sum() == n_term and got["truncated"].sum() == len(episodes) - n_term
+    np.testing.assert_array_equal(
+        got["truncated"] | got["terminated"], np.isin(np.arange(len(store)), ends - 1)
+    )
+    # the closed case: one 5-step episode that ends in a fall worth -100
+    root = zarr.open_group(tmp_path / "fall.zarr", mode="w")
+    root.create_array("data/obs", data=np.arange(10, dtype=np.float32).reshape(5, 2))
+    root.create_array("data/action", data=np.zeros((5, 1), np.float32))
+    root.create_array("data/reward", data=np.array([1, 1, 1, 1, -100], np.float32))
+    root.create_array("data/terminated", data=np.array([0, 0, 0, 0, 1], bool))
+    root.create_array("meta/episode_ends", data=np.array([5], np.int64))
+    fall = import_diffusion_policy_zarr(tmp_path / "fall.zarr", tmp_path / "fall.s.zarr")
+    rows = fall.read(0, len(fall))
+    assert len(fall) == 5
+    np.testing.assert_array_equal(rows["reward"], [1, 1, 1, 1, -100])
+    np.testing.assert_array_equal(rows["terminated"], [False] * 4 + [True])
+    assert not rows["truncated"].any()
+    np.testing.assert_array_equal(rows["next_obs"][:, 0], [2, 4, 6, 8, 8])
+
+
+@pytest.mark.parametrize(
+    ("ends", "bad"),
+    [
+        ([-3, 10], r"\[0\] = -3"),
+        ([0, 10], r"\[0\] = 0"),
+        ([4, 4, 10], r"\[1\] = 4"),
+        ([4, 11], r"\[1\] = 11"),
+    ],
+)
+def test_diffusion_policy_zarr_rejects_corrupt_episode_ends(tmp_path, ends, bad):
+    root = zarr.open_group(tmp_path / "dp.zarr", mode="w")
+    root.create_array("data/obs", data=np.arange(10, dtype=np.float32).reshape(10, 1))
+    root.create_array("data/action", data=np.zeros((10, 1), np.float32))
+    root.create_array("meta/episode_ends", data=np.array(ends, np.int64))
+    with pytest.raises(SchemaError, match="meta/episode_ends" + bad):
+        import_diffusion_policy_zarr(tmp_path / "dp.zarr", tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_open_dataset_says_a_missing_path_does_not_exist(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    missing = tmp_path / "nope" / "medium.npz"
+    with pytest.raises(FileNotFoundError, match=r"does not exist") as info:
+        open_dataset(missing)
+    assert str(missing) in str(info.value)
+    with pytest.raises(FileNotFoundError, match=r"'no/such-v0' does not exist"):
+        detect_format("no/such-v0")  # relative: not a file, nor a local Minari id
