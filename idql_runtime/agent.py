@@ -205,8 +205,18 @@ class Agent(nn.Module):
 
     # ---------------------------------------------------------------- acting
     def decision(self, mode: str | None = None) -> Decision:
-        """The decision module over the EMA score network, target Q and V (eval mode)."""
+        """The decision module over the EMA score network, target Q and V (eval mode).
+
+        Refused for the Gaussian baselines: they train no diffusion model (its EMA keeps
+        its random initial weights) and act with the Gaussian mean (``evaluation.Policy``).
+        """
         c = self.cfg
+        if self.gaussian is not None:
+            raise ValueError(
+                f"train.algo={c.train.algo!r} is a Gaussian baseline: it trains no diffusion "
+                "model, so there is no diffusion decision to build an engine of; evaluate it "
+                "with idql-eval (it acts with the Gaussian mean)"
+            )
         return Decision(
             self.score_ema,
             self.q_target,

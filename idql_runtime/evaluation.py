@@ -28,7 +28,8 @@ class Policy:
     ) -> None:
         self.agent = agent
         self.samples = samples or agent.cfg.policy.samples
-        self.decision = agent.decision(mode)
+        # the Gaussian baselines act with their mean: no diffusion decision to build
+        self.decision = agent.decision(mode) if agent.gaussian is None else None
         self.generator = torch.Generator(device=agent.device).manual_seed(seed)
 
     @torch.no_grad()
@@ -46,6 +47,7 @@ class Policy:
                 self.agent.obs_dim,
             )
             noise = DecisionNoise.draw(spec, generator=self.generator, device=self.agent.device)
+            assert self.decision is not None
             action = self.decision(o, *noise).action
         a = action.cpu().numpy()
         return a[0] if single else a

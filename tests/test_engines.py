@@ -22,10 +22,11 @@ import torch.nn.functional as F
 
 from idql_runtime import diffusion, onednn
 from idql_runtime.agent import Agent
-from idql_runtime.config import Config
+from idql_runtime.config import Config, load_config
 from idql_runtime.decision import DecisionNoise, DecisionOutput
 from idql_runtime.engines import available_engines, build_engine, resolve_kind
 from idql_runtime.engines.base import Engine, EngineUnavailable
+from tests.conftest import TINY
 
 TOL = {"float32": (1e-4, 1e-4), "bfloat16": (0.15, 0.05), "float16": (0.1, 0.03)}
 """dtype -> (max abs action error, relative chosen-Q error), see module docstring."""
@@ -768,3 +769,19 @@ def test_gpu_profile_counts_each_calls_kernels() -> None:
     assert len(adds) == 1 and adds[0]["per_call"] == 2.0
     assert got["kernels_per_call"] >= 2.0 and got["busy_us"] > 0
     assert 0 < sum(k["share"] for k in got["top"]) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("algo", ["iql_awr", "bc"])
+def test_gaussian_baselines_are_refused_by_every_engine_and_evaluated_by_their_mean(algo):
+    """A baseline trains no diffusion model: before, engines built a decision over its random
+    initial score network and idql-actor deployed that, while idql-eval used the mean."""
+    from idql_runtime.evaluation import Policy
+
+    agent = Agent(load_config(overrides={**TINY, "train.algo": algo}), 3, 2)
+    for kind in ("eager", "cpu"):
+        with pytest.raises(ValueError, match=f"train.algo='{algo}' is a Gaussian baseline"):
+            build_engine(agent, kind=kind, batch=1, samples=4)
+    obs = np.array([[0.1, -0.2, 0.3]], np.float32)
+    with torch.no_grad():
+        mean = agent.gaussian(torch.as_tensor(obs))[0].numpy()
+    np.testing.assert_array_equal(Policy(agent)(obs), mean)
