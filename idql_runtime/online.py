@@ -732,7 +732,11 @@ def _online_learner_on(
     if args.offline:
         from idql_runtime.datasets import open_dataset
 
-        offline = ReplaySampler(open_dataset(args.offline), seed=cfg.train.seed)
+        try:
+            offline_store = open_dataset(args.offline)
+        except (OSError, ValueError) as e:  # missing, unreadable or malformed: refuse it
+            raise LearnerStartupError(f"--offline {args.offline}: {e}") from e
+        offline = ReplaySampler(offline_store, seed=cfg.train.seed)
         if cfg.train.val_fraction > 0:  # the rows pretraining held out stay held out
             offline = offline.split(1.0 - cfg.train.val_fraction, seed=cfg.train.seed)[0]
     link = LearnerLink(

@@ -99,6 +99,23 @@ def test_replay_store_of_other_dims_is_refused_naming_both(
         assert (store.obs_dim, len(store)) == (OBS_DIM - 1, 0)
 
 
+@pytest.mark.parametrize("kind", ["missing", "not_a_dataset"])
+def test_an_unreadable_offline_dataset_is_refused_naming_it(
+    kind: str, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, a missing or malformed --offline ended start-up with a traceback (exit 1)."""
+    from learner.cli import main
+
+    data = tmp_path / "medium.npz"
+    if kind == "not_a_dataset":
+        data.write_bytes(b"not an npz")
+    argv = [*_online(ckpt, tmp_path / "online.zarr", tmp_path / "run"), "--offline", str(data)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"idql-learner: --offline {data}: " in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("kind", ["empty_dir", "other_dir", "file"])
 def test_replay_path_that_is_not_a_store_is_refused_naming_it(
     kind: str, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
